@@ -1,0 +1,387 @@
+"""A GPT-2 language model in one file, in the spirit of nanoGPT's model.py.
+
+Module names follow the Hugging Face / OpenAI GPT-2 layout (transformer.wte, transformer.h[i].attn.
+c_attn, ...), so importing GPT-2 weights is a rename-free copy (HF's Conv1D weights are stored
+transposed relative to nn.Linear, so c_attn/c_proj/c_fc need a .t() on import).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Dense bf16 peak FLOP/s per GPU, for MFU. The SXM parts; PCIe cards are lower.
+PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50257  # GPT-2's BPE; pad to 50304 yourself if you want faster matmuls
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # GPT-2 has biases in Linear and LayerNorm
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: object) -> GPTConfig:
+        """Config of a named preset, with any field overridden (e.g. block_size=256)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+PRESETS: dict[str, GPTConfig] = {
+    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    "tiny": GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128),  # CPU tests
+    "small": GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=256),  # CPU experiments
+}
+
+
+class KVCache:
+    """Keys and values of past positions, one preallocated buffer per layer.
+
+    Buffers of shape (B, n_head, max_len, head_dim) are allocated on a layer's first write, with
+    the dtype and device of the keys written, so the cache just works under autocast. `length`
+    is the number of positions stored; it is also the position of the next token fed.
+    """
+
+    def __init__(self, n_layer: int, max_len: int) -> None:
+        self.max_len = max_len
+        self.length = 0
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+
+    def reset(self) -> None:
+        """Forget all positions; the buffers are kept for reuse."""
+        self.length = 0
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H, T, D) after the cached prefix; return keys/values of prefix + new."""
+        B, H, T, D = k.shape
+        end = self.length + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+        kbuf, vbuf = self.k[layer], self.v[layer]
+        if kbuf is None or vbuf is None or kbuf.shape[0] != B or kbuf.dtype != k.dtype:
+            if self.length > 0:
+                raise ValueError("batch size or dtype changed while the cache holds positions")
+            kbuf = k.new_empty(B, H, self.max_len, D)
+            vbuf = v.new_empty(B, H, self.max_len, D)
+            self.k[layer], self.v[layer] = kbuf, vbuf
+        kbuf[:, :, self.length : end] = k
+        vbuf[:, :, self.length : end] = v
+        return kbuf[:, :, :end], vbuf[:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.layer_idx = layer_idx  # which slot of a KVCache this layer uses
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        start = 0 if cache is None else cache.length
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        # SDPA's is_causal aligns the mask top-left, which is only right without a prefix. One new
+        # token may see every cached position (no mask); a chunk after a prefix needs the causal
+        # mask shifted right by the prefix length.
+        mask = None
+        if start > 0 and T > 1:
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=start == 0,
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
+        self.apply(self._init_weights)
+        # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2 * n_layer):
+        # each layer adds two of them, and this keeps the residual's variance from growing.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters (the tied wte/lm_head counted once).
+
+        non_embedding subtracts the position embeddings only, as nanoGPT: the token embeddings
+        are used as the output projection too, so they do real compute.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        *,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab) and the mean cross-entropy loss when targets are given.
+
+        Targets equal to -100 are left out of the loss (masked prompt tokens). With a cache, idx
+        holds only the new tokens: they take positions cache.length.. and the cache grows by T.
+        last_only returns logits for the last position only (B, 1, vocab), for sampling.
+        """
+        B, T = idx.shape
+        start = 0 if cache is None else cache.length
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {start + T} positions exceeds block_size {self.config.block_size}"
+            )
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x, cache)
+        if cache is not None:
+            cache.length += T
+        x = self.transformer.ln_f(x)
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(
+                logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
+            )
+            return logits, loss
+        return self.lm_head(x[:, -1:] if last_only else x), None
+
+    def configure_optimizer(
+        self,
+        weight_decay: float,
+        lr: float,
+        betas: tuple[float, float],
+        device_type: str,
+    ) -> torch.optim.AdamW:
+        """AdamW decaying matrices and embeddings only; biases and LayerNorm gains (1-D) are not."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+
+    def estimate_flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6*N + 12*L*H*Q*T (PaLM appendix B, as nanoGPT).
+
+        N is num_params(non_embedding=True); 6N counts forward (2N) and backward (4N) of the
+        matmuls; 12*L*H*Q*T the attention scores and weighted sum, with L layers, H heads, Q the
+        head size and T the sequence length (block_size unless given).
+        """
+        cfg = self.config
+        L, H, Q = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
+        T = seq_len if seq_len is not None else cfg.block_size
+        return 6 * self.num_params(non_embedding=True) + 12 * L * H * Q * T
+
+    def mfu(self, tokens_per_s: float, peak_flops: float, seq_len: int | None = None) -> float:
+        """Model FLOPs utilization: estimate_flops_per_token() * tokens_per_s / peak_flops.
+
+        tokens_per_s and peak_flops must cover the same hardware (e.g. both per GPU).
+        """
+        return self.estimate_flops_per_token(seq_len) * tokens_per_s / peak_flops
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_id: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Append up to max_new_tokens sampled tokens to idx (B, T); returns (B, T + n).
+
+        A row that samples eos_id keeps the eos and is padded with eos_id afterwards; generation
+        stops once every row has. temperature 0 is greedy. Call model.eval() first.
+        """
+        steps = self._decode(
+            idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator
+        )
+        return torch.cat([idx, *steps], dim=1)
+
+    @torch.no_grad()
+    def stream(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_id: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[int]:
+        """Like generate for one sequence ((T,) or (1, T)), yielding each new token id as it comes.
+
+        Stops at eos_id without yielding it.
+        """
+        if idx.dim() == 1:
+            idx = idx.unsqueeze(0)
+        if idx.size(0) != 1:
+            raise ValueError(f"stream takes a single sequence, got batch size {idx.size(0)}")
+        for tok in self._decode(
+            idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator
+        ):
+            t = int(tok.item())
+            if t == eos_id:
+                return
+            yield t
+
+    def _decode(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        eos_id: int | None,
+        use_cache: bool,
+        generator: torch.Generator | None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield the next tokens (B, 1) one step at a time.
+
+        Without a cache the context is cropped to the last block_size tokens. With one, only the
+        new token is fed; when the cache is full, it is refilled from the last block_size tokens.
+        Absolute position embeddings shift with the window, so past block_size every step is a
+        full re-prefill: exact (same tokens as without a cache), but no faster.
+        """
+        if idx.dim() != 2 or idx.size(1) == 0:
+            raise ValueError(f"idx must be (B, T) with T >= 1, got shape {tuple(idx.shape)}")
+        block_size = self.config.block_size
+        cache = KVCache(self.config.n_layer, block_size) if use_cache else None
+        seq, pending = idx, idx  # pending: tokens not yet in the cache
+        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            if cache is None:
+                logits, _ = self(seq[:, -block_size:], last_only=True)
+            else:
+                if cache.length + pending.size(1) > block_size:
+                    cache.reset()
+                    pending = seq[:, -block_size:]
+                logits, _ = self(pending, cache=cache, last_only=True)
+            tok = sample_logits(logits[:, -1, :], temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                tok = torch.where(finished, torch.full_like(tok, eos_id), tok)
+                finished |= tok == eos_id
+            tok = tok.unsqueeze(1)
+            seq = torch.cat([seq, tok], dim=1)
+            pending = tok
+            yield tok
+            if eos_id is not None and bool(finished.all()):
+                return
+
+
+def sample_logits(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Sample one token per row of logits (B, vocab) -> (B,).
+
+    temperature 0 is greedy. top_k keeps the k most likely tokens; top_p keeps the smallest set
+    of most likely tokens whose probability reaches top_p (nucleus, as HF), never fewer than one.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens strictly more likely already reach top_p.
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        drop[:, 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, sorted_idx, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)

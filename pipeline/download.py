@@ -1,0 +1,372 @@
+"""download: bring every source into the work folder as files, each checksummed.
+
+Sources are local files or globs (copied), http(s) URLs (resumable with Range requests,
+retried with backoff, size-capped, checksum-checked) and Hugging Face datasets streamed
+with `datasets` into JSONL parts. One unit is one file (or one part of a streamed dataset).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from pipeline.config import DownloadConfig, ForgeConfig, SourceConfig, config_hash
+from pipeline.stage import (
+    ProgressFn,
+    Stage,
+    StageError,
+    Unit,
+    UnitResult,
+    atomic_write_json,
+    commit,
+    read_json,
+    safe_name,
+    sha256_file,
+    temp_path_for,
+)
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "forge-data/0.1 (+https://github.com/)"
+PERMANENT_HTTP_ERRORS = {400, 401, 403, 404, 410, 451}
+
+
+class PermanentDownloadError(Exception):
+    """The file cannot be had by retrying (404, checksum mismatch, too large): a counted drop."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def source_kind(uri: str) -> str:
+    if uri.startswith("hf://"):
+        return "hf"
+    if uri.startswith(("http://", "https://")):
+        return "url"
+    return "local"
+
+
+def source_name(source: SourceConfig) -> str:
+    if source.name:
+        return safe_name(source.name)
+    uri = source.uri
+    kind = source_kind(uri)
+    if kind == "hf":
+        return safe_name(uri.removeprefix("hf://").rstrip("/").split("/")[-1])
+    if kind == "url":
+        return safe_name(urlparse(uri).netloc)
+    base = _glob_base(uri)
+    return safe_name((base if base.is_dir() else base.parent).resolve().name)
+
+
+def _glob_base(pattern: str) -> Path:
+    """The longest leading part of a glob without wildcards."""
+    parts = Path(pattern).parts
+    fixed = [p for p in _takewhile_plain(parts)]
+    return Path(*fixed) if fixed else Path(".")
+
+
+def _takewhile_plain(parts: tuple[str, ...]):
+    for part in parts:
+        if glob.has_magic(part):
+            return
+        yield part
+
+
+# ---------------------------------------------------------------- planning
+
+
+def plan_units(cfg: ForgeConfig) -> list[Unit]:
+    """One unit per local file or URL. Names are sanitized and unique within a source."""
+    units: list[Unit] = []
+    for index, source in enumerate(cfg.data.sources):
+        name = source_name(source)
+        kind = source_kind(source.uri)
+        if kind == "hf":
+            continue  # streamed separately: its parts are only known while streaming
+        prefix = f"{index:02d}-{name}"
+        if kind == "url":
+            target = _file_name_for_url(source.uri)
+            units.append(_unit(prefix, target, kind, source.uri, source))
+            continue
+        matches = _expand_local(source.uri)
+        if not matches:
+            units.append(_unit(prefix, "no_match", "missing", source.uri, source))
+        base = _glob_base(source.uri)
+        base = base if base.is_dir() else base.parent
+        for path in matches:
+            rel = os.path.relpath(path, base)
+            units.append(_unit(prefix, safe_name(rel.replace(os.sep, "__")), kind, path, source))
+    return units
+
+
+def _unit(prefix: str, target: str, kind: str, origin: str, source: SourceConfig) -> Unit:
+    return Unit(
+        id=f"{prefix}--{target}",
+        payload={
+            "kind": kind,
+            "origin": origin,
+            "target": f"{prefix}/{target}",
+            "source": source_name(source),
+            "sha256": source.sha256,
+            "text_field": source.text_field,
+        },
+    )
+
+
+def _expand_local(pattern: str) -> list[str]:
+    path = Path(pattern)
+    if path.is_file():
+        return [str(path)]
+    if path.is_dir():
+        return sorted(str(p) for p in path.rglob("*") if p.is_file())
+    return sorted(p for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+
+
+def _file_name_for_url(url: str) -> str:
+    parsed = urlparse(url)
+    name = unquote(Path(parsed.path).name) or "index.html"
+    digest = hashlib.sha256(url.encode()).hexdigest()[:8]
+    return f"{digest}-{safe_name(name)}"
+
+
+# ---------------------------------------------------------------- one unit
+
+
+def download_unit(payload: dict) -> UnitResult:
+    """Fetch or copy one file into files/; a permanent failure is a counted drop."""
+    out_root = Path(payload["out_dir"])
+    cfg = DownloadConfig.model_validate(payload["download"])
+    dest = out_root / payload["target"]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    result = UnitResult()
+    try:
+        if payload["kind"] == "missing":
+            raise PermanentDownloadError(
+                "no_matching_files", f"{payload['origin']} matches no file"
+            )
+        origin = apply_mirror(payload["origin"], cfg.mirror)
+        if source_kind(origin) == "url":
+            fetch_url(origin, dest, cfg)
+        else:
+            _copy_local(Path(origin), dest, cfg)
+        digest = sha256_file(dest)
+        if payload["sha256"] and digest != payload["sha256"].lower():
+            dest.unlink()
+            raise PermanentDownloadError(
+                "checksum_mismatch",
+                f"{payload['origin']}: sha256 {digest} != expected {payload['sha256']}",
+            )
+    except PermanentDownloadError as e:
+        log.warning("dropped %s: %s", payload["origin"], e)
+        result.drop(e.reason)
+        result.outputs = {"error": str(e)}
+        return result
+    size = dest.stat().st_size
+    result.keep()
+    result.bytes_in = result.bytes_out = size
+    result.outputs = {
+        "files": [
+            {
+                "path": payload["target"],
+                "sha256": digest,
+                "bytes": size,
+                "source": payload["source"],
+                "origin": payload["origin"],
+                "text_field": payload["text_field"],
+            }
+        ]
+    }
+    return result
+
+
+def apply_mirror(uri: str, mirror: dict[str, str]) -> str:
+    """Map a URL onto a mirror: the longest matching prefix wins."""
+    for prefix in sorted(mirror, key=len, reverse=True):
+        if uri.startswith(prefix):
+            return mirror[prefix].rstrip("/") + "/" + uri[len(prefix) :].lstrip("/")
+    return uri
+
+
+def _copy_local(src: Path, dest: Path, cfg: DownloadConfig) -> None:
+    if not src.is_file():
+        raise PermanentDownloadError("not_found", f"{src} does not exist")
+    if src.stat().st_size > cfg.max_file_mb * 1e6:
+        raise PermanentDownloadError("too_large", f"{src} exceeds {cfg.max_file_mb} MB")
+    tmp = temp_path_for(dest)
+    shutil.copyfile(src, tmp)
+    commit(tmp, dest)
+
+
+def fetch_url(url: str, dest: Path, cfg: DownloadConfig) -> None:
+    """Download to `dest.part`, resuming with Range after drops; rename when complete."""
+    part = dest.with_name(dest.name + ".part")
+    cap = int(cfg.max_file_mb * 1e6)
+    delay = cfg.backoff_s
+    for attempt in range(cfg.retries + 1):
+        try:
+            if _fetch_into(url, part, cap, cfg.timeout_s):
+                commit(part, dest)
+                return
+            error: Exception = ConnectionError("connection closed before the end of the file")
+        except urllib.error.HTTPError as e:
+            if e.code in PERMANENT_HTTP_ERRORS:
+                raise PermanentDownloadError(f"http_{e.code}", f"{url}: HTTP {e.code}") from None
+            error = e
+        except (urllib.error.URLError, OSError) as e:
+            error = e
+        if attempt < cfg.retries:
+            have = part.stat().st_size if part.exists() else 0
+            log.info("%s: %s; retry %d in %.1fs from byte %d", url, error, attempt + 1, delay, have)
+            time.sleep(delay)
+            delay *= 2
+    raise ConnectionError(f"{url}: giving up after {cfg.retries + 1} attempts: {error}")
+
+
+def _fetch_into(url: str, part: Path, cap: int, timeout: float) -> bool:
+    """Append what the server sends to `part`; True when the file is complete."""
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": USER_AGENT}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # nothing left to send: the part is already whole
+            return True
+        raise
+    with response:
+        if have and response.status != 206:  # the server ignored Range: start over
+            have = 0
+        length = response.headers.get("Content-Length")
+        expected = have + int(length) if length is not None else None
+        if expected is not None and expected > cap:
+            raise PermanentDownloadError("too_large", f"{url}: {expected} bytes exceeds the cap")
+        with open(part, "ab" if have else "wb") as f:
+            received = have
+            while block := response.read(1 << 20):
+                received += len(block)
+                if received > cap:
+                    f.close()
+                    part.unlink()
+                    raise PermanentDownloadError("too_large", f"{url}: exceeds {cap} bytes")
+                f.write(block)
+    return expected is None or received == expected
+
+
+# ---------------------------------------------------------------- Hugging Face streaming
+
+
+def stream_hf_source(stage: Stage, index: int, source: SourceConfig, cfg: DownloadConfig,
+                     files_dir: Path) -> dict[str, dict]:
+    """Stream a dataset into JSONL parts; each part is a unit, resumed by skipping done parts."""
+    from datasets import load_dataset
+
+    name = source_name(source)
+    prefix = f"{index:02d}-{name}"
+    per_part = cfg.hf_docs_per_part
+    records: dict[str, dict] = {}
+    part = 0
+    while stage.record_path(f"{prefix}--part-{part:05d}").exists():
+        unit_id = f"{prefix}--part-{part:05d}"
+        records[unit_id] = read_json(stage.record_path(unit_id))
+        part += 1
+    already = sum(r["outputs"]["rows"] for r in records.values())
+    if records:
+        last_rows = records[f"{prefix}--part-{part - 1:05d}"]["outputs"]["rows"]
+        if last_rows < per_part or (source.max_docs and already >= source.max_docs):
+            return records  # the stream ended (or reached max_docs) in an earlier run
+    path = source.uri.removeprefix("hf://")
+    dataset = load_dataset(path, name=source.hf_config, split=source.hf_split, streaming=True)
+    if source.max_docs:
+        dataset = dataset.take(source.max_docs)
+    rows = iter(dataset.skip(already) if already else dataset)
+    while True:
+        start = time.perf_counter()
+        batch = [row for _, row in zip(range(per_part), rows, strict=False)]
+        if not batch:
+            break
+        unit_id = f"{prefix}--part-{part:05d}"
+        target = f"{prefix}/part-{part:05d}.jsonl.gz"
+        dest = files_dir / target
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_path_for(dest)
+        with gzip.open(tmp, "wt", encoding="utf-8") as f:
+            for row in batch:
+                f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        commit(tmp, dest)
+        size = dest.stat().st_size
+        result = UnitResult(bytes_in=size, bytes_out=size)
+        result.keep()
+        result.outputs = {
+            "rows": len(batch),
+            "files": [{"path": target, "sha256": sha256_file(dest), "bytes": size,
+                       "source": name, "origin": source.uri, "text_field": source.text_field}],
+        }
+        record = {**result.to_json(), "seconds": round(time.perf_counter() - start, 4)}
+        atomic_write_json(stage.record_path(unit_id), record)
+        records[unit_id] = record
+        part += 1
+        if len(batch) < per_part:
+            break
+    return records
+
+
+# ---------------------------------------------------------------- the stage
+
+
+@dataclass
+class DownloadOutput:
+    folder: Path
+    manifest: dict
+
+
+def download_config_hash(cfg: ForgeConfig) -> str:
+    return config_hash(cfg.data.download, json.dumps(
+        [s.model_dump(mode="json") for s in cfg.data.sources], sort_keys=True))
+
+
+def run_download(cfg: ForgeConfig, progress: ProgressFn | None = None,
+                 overwrite: bool = False) -> dict:
+    folder = Path(cfg.workdir) / "download"
+    stage = Stage("download", folder, download_config_hash(cfg))
+    if manifest := stage.finished_manifest():
+        return manifest
+    stage.claim(overwrite)
+    started = time.perf_counter()
+    files_dir = folder / "files"
+    files_dir.mkdir(parents=True, exist_ok=True)
+    common = {"out_dir": str(files_dir), "download": cfg.data.download.model_dump(mode="json")}
+    units = [Unit(u.id, {**u.payload, **common}) for u in plan_units(cfg)]
+    records = stage.run_units(units, download_unit, cfg.workers, progress)
+    for index, source in enumerate(cfg.data.sources):
+        if source_kind(source.uri) == "hf":
+            records.update(stream_hf_source(stage, index, source, cfg.data.download, files_dir))
+    files = [f for r in records.values() for f in r["outputs"].get("files", [])]
+    if not files:
+        raise StageError("download: no source yielded a file; check the sources' paths or URLs")
+    fingerprint = hashlib.sha256(
+        "".join(f"{f['path']}:{f['sha256']};" for f in files).encode()
+    ).hexdigest()
+    errors = {uid: r["outputs"]["error"] for uid, r in records.items() if "error" in r["outputs"]}
+    return stage.write_manifest(
+        records,
+        count_unit="files",
+        files=files,
+        errors=errors,
+        output_fingerprint=fingerprint,
+        wall_seconds=round(time.perf_counter() - started, 3),
+    )

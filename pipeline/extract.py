@@ -1,0 +1,155 @@
+"""extract: downloaded files to documents of one schema (id, text, source, url, meta).
+
+HTML and WARC responses go through trafilatura, Gutenberg licence boilerplate is cut,
+text is NFC with Unix line endings. One unit is one file, or a slice of an archive's
+members so that a large archive spreads over the workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from pathlib import Path
+
+from pipeline.config import ExtractConfig, ForgeConfig, config_hash
+from pipeline.readers import Doc, Drop, file_format, list_members, normalize_text, read_file
+from pipeline.stage import (
+    ProgressFn,
+    Stage,
+    StageError,
+    Unit,
+    UnitResult,
+    commit,
+    read_json,
+    safe_name,
+    sha256_file,
+    temp_path_for,
+)
+
+DROP_EXAMPLES_PER_REASON = 3
+
+_GUTENBERG_START = re.compile(
+    r"^\*{3}\s*START OF (?:THE |THIS )?PROJECT GUTENBERG E-?BOOK.*$", re.I | re.M)
+_GUTENBERG_END = re.compile(r"^\*{3}\s*END OF (?:THE |THIS )?PROJECT GUTENBERG E-?BOOK", re.I | re.M)
+
+
+def strip_gutenberg(text: str) -> str:
+    """Keep what lies between the START and END markers (either may be missing)."""
+    if start := _GUTENBERG_START.search(text):
+        text = text[start.end():]
+    if end := _GUTENBERG_END.search(text):
+        text = text[: end.start()]
+    return text
+
+
+def extract_unit(payload: dict) -> UnitResult:
+    cfg = ExtractConfig.model_validate(payload["extract"])
+    max_bytes = int(cfg.max_doc_mb * 1e6)
+    dest = Path(payload["dest"])
+    result = UnitResult(bytes_in=payload["bytes_in"])
+    examples: dict[str, list[str]] = {}
+    members = tuple(payload["members"]) if payload["members"] else None
+    tmp = temp_path_for(dest)
+    with open(tmp, "w", encoding="utf-8") as out:
+        for item in read_file(payload["path"], max_bytes, payload["text_field"], members):
+            if isinstance(item, Doc):
+                text = normalize_text(item.text)
+                if cfg.strip_gutenberg:
+                    text = normalize_text(strip_gutenberg(text))
+                if not text:
+                    item = Drop(item.name, "empty")
+            if isinstance(item, Drop):
+                result.drop(item.reason)
+                samples = examples.setdefault(item.reason, [])
+                if len(samples) < DROP_EXAMPLES_PER_REASON:
+                    samples.append(f"{item.name}: {item.detail}".rstrip(": "))
+                continue
+            record = {
+                "id": f"{payload['source']}/{payload['rel']}/{item.name}",
+                "text": text,
+                "source": payload["source"],
+                "url": item.url,
+                "meta": {"format": payload["format"], **item.meta},
+            }
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            result.repaired.update(item.repairs)
+            result.keep()
+            result.bytes_out += len(text.encode())
+    commit(tmp, dest)
+    result.outputs = {"docs_file": dest.name, "sha256": sha256_file(dest),
+                      "drop_examples": examples}
+    return result
+
+
+def plan_units(cfg: ForgeConfig, files: list[dict], download_dir: Path, out_dir: Path) -> list[Unit]:
+    per_unit = cfg.data.extract.archive_members_per_unit
+    units = []
+    for entry in files:
+        path = download_dir / "files" / entry["path"]
+        fmt, _ = file_format(entry["path"])
+        slices: list[tuple[int, int] | None] = [None]
+        if fmt in ("zip", "tar"):
+            members = list_members(str(path))
+            if members:  # an unreadable archive stays one unit and is counted as a drop there
+                slices = [(i, i + per_unit) for i in range(0, len(members), per_unit)]
+        for members in slices:
+            unit_id = safe_name(entry["path"].replace("/", "__"), limit=150)
+            if members:
+                unit_id += f"@{members[0]:06d}"
+            units.append(Unit(unit_id, {
+                "path": str(path),
+                "rel": entry["path"].split("/", 1)[-1],
+                "source": entry["source"],
+                "text_field": entry.get("text_field", "text"),
+                "format": fmt,
+                "members": members,
+                "bytes_in": entry["bytes"] if members in (None, slices[0]) else 0,
+                "dest": str(out_dir / "docs" / f"{unit_id}.jsonl"),
+                "extract": cfg.data.extract.model_dump(mode="json"),
+            }))
+    return units
+
+
+def run_extract(cfg: ForgeConfig, progress: ProgressFn | None = None,
+                overwrite: bool = False) -> dict:
+    workdir = Path(cfg.workdir)
+    upstream = workdir / "download" / "manifest.json"
+    if not upstream.exists():
+        raise StageError(f"extract needs the download stage's output ({upstream} is missing); "
+                         "run `forge download` first, or `forge prepare`")
+    download = read_json(upstream)
+    folder = workdir / "extract"
+    stage = Stage("extract", folder, config_hash(cfg.data.extract, download["output_fingerprint"]))
+    if manifest := stage.finished_manifest():
+        return manifest
+    stage.claim(overwrite)
+    started = time.perf_counter()
+    (folder / "docs").mkdir(parents=True, exist_ok=True)
+    units = plan_units(cfg, download["files"], workdir / "download", folder)
+    records = stage.run_units(units, extract_unit, cfg.workers, progress)
+    parts = [{"unit": uid, "file": f"docs/{r['outputs']['docs_file']}", "sha256":
+              r["outputs"]["sha256"], "docs": r["docs_out"]} for uid, r in records.items()]
+    examples: dict[str, list[str]] = {}
+    for record in records.values():
+        for reason, samples in record["outputs"]["drop_examples"].items():
+            examples.setdefault(reason, []).extend(samples)
+    fingerprint = hashlib.sha256("".join(f"{p['unit']}:{p['sha256']};" for p in parts).encode())
+    return stage.write_manifest(
+        records,
+        parts=parts,
+        drop_examples={k: v[:10] for k, v in sorted(examples.items())},
+        input_fingerprint=download["output_fingerprint"],
+        output_fingerprint=fingerprint.hexdigest(),
+        wall_seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+def iter_documents(extract_dir: Path):
+    """Every extracted document in order, as dicts; what the next stages read."""
+    manifest = read_json(extract_dir / "manifest.json")
+    for part in manifest["parts"]:
+        with open(extract_dir / part["file"], encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)

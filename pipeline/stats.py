@@ -1,0 +1,148 @@
+"""Statistics of a token dataset and of the stages that made it (`forge stats`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.shards import SPLITS, TokenDataset
+
+STAGE_ORDER = ("download", "extract", "tokenize")
+
+
+def length_summary(lengths: np.ndarray) -> dict:
+    if lengths.size == 0:
+        return {"mean": 0.0, "median": 0.0, "p99": 0.0, "max": 0}
+    return {
+        "mean": round(float(lengths.mean()), 1),
+        "median": float(np.median(lengths)),
+        "p99": round(float(np.percentile(lengths, 99)), 1),
+        "max": int(lengths.max()),
+    }
+
+
+def _doc_lengths(shard) -> np.ndarray:
+    ends = np.asarray(shard.doc_ends(), dtype=np.int64)
+    return np.diff(ends, prepend=0)
+
+
+def dataset_stats(path: Path) -> dict:
+    dataset = TokenDataset(path)
+    splits = {}
+    for split in SPLITS:
+        shards, all_lengths, tokens, text_bytes = [], [], 0, 0
+        for shard in dataset.shards(split):
+            lengths = _doc_lengths(shard)
+            all_lengths.append(lengths)
+            tokens += shard.info["tokens"]
+            text_bytes += shard.info["text_bytes"]
+            shards.append({
+                "name": shard.name,
+                "tokens": shard.info["tokens"],
+                "docs": shard.info["docs"],
+                "doc_tokens": length_summary(lengths),
+                "bytes_per_token": round(shard.info["text_bytes"] / max(1, shard.info["tokens"]),
+                                         3),
+                "sources": shard.info["sources"],
+            })
+        lengths = np.concatenate(all_lengths) if all_lengths else np.zeros(0, dtype=np.int64)
+        splits[split] = {
+            "tokens": tokens,
+            "docs": int(lengths.size),
+            "doc_tokens": length_summary(lengths),
+            "bytes_per_token": round(text_bytes / max(1, tokens), 3),
+            "shards": shards,
+        }
+    return {
+        "dataset": str(dataset.path),
+        "fingerprint": dataset.attrs["fingerprint"],
+        "tokenizer": dataset.attrs["tokenizer"],
+        "source_docs": dataset.attrs["source_docs"],
+        "splits": splits,
+        "stages": stage_stats(dataset.path.parent.parent),
+    }
+
+
+def stage_stats(workdir: Path) -> list[dict]:
+    """Per stage: documents in, out, dropped by reason, time; from the stage manifests."""
+    rows = []
+    for name in STAGE_ORDER:
+        manifest_path = workdir / name / "manifest.json"
+        if not manifest_path.exists():
+            continue
+        manifest = json.loads(manifest_path.read_text())
+        rows.append({
+            "stage": name,
+            "unit": manifest.get("count_unit", "docs"),
+            "in": manifest["docs_in"],
+            "out": manifest["docs_out"],
+            "dropped": manifest["dropped"],
+            "repaired": manifest.get("repaired", {}),
+            "mb_in": round(manifest["bytes_in"] / 1e6, 2),
+            "mb_out": round(manifest["bytes_out"] / 1e6, 2),
+            "seconds": manifest.get("wall_seconds"),
+        })
+    return rows
+
+
+def plot_doc_lengths(path: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dataset = TokenDataset(path)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for split in SPLITS:
+        lengths = [_doc_lengths(s) for s in dataset.shards(split)]
+        if lengths:
+            values = np.concatenate(lengths)
+            bins = np.logspace(0, np.log10(max(2, values.max())), 40)
+            ax.hist(values, bins=bins, alpha=0.6, label=f"{split} ({values.size} docs)")
+    ax.set_xscale("log")
+    ax.set_xlabel("document length (tokens)")
+    ax.set_ylabel("documents")
+    ax.set_title(f"Document lengths: {path.name}")
+    ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def render_stats(stats: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{stats['dataset']}[/]  fingerprint {stats['fingerprint'][:16]}…  "
+                  f"tokenizer {stats['tokenizer']}")
+    table = Table(title="shards", title_justify="left")
+    for column in ("split/shard", "tokens", "docs", "doc mean", "median", "p99", "max",
+                   "bytes/token", "sources"):
+        table.add_column(column, justify="left" if column in ("split/shard", "sources")
+                         else "right")
+    for split, info in stats["splits"].items():
+        for shard in info["shards"]:
+            d = shard["doc_tokens"]
+            table.add_row(f"{split}/{shard['name']}", f"{shard['tokens']:,}", str(shard["docs"]),
+                          f"{d['mean']:,.0f}", f"{d['median']:,.0f}", f"{d['p99']:,.0f}",
+                          f"{d['max']:,}", f"{shard['bytes_per_token']:.2f}",
+                          ", ".join(f"{k} {v}" for k, v in shard["sources"].items()))
+        d = info["doc_tokens"]
+        table.add_row(f"[bold]{split} total", f"[bold]{info['tokens']:,}", str(info["docs"]),
+                      f"{d['mean']:,.0f}", f"{d['median']:,.0f}", f"{d['p99']:,.0f}",
+                      f"{d['max']:,}", f"{info['bytes_per_token']:.2f}", "", end_section=True)
+    console.print(table)
+    stages = Table(title="stages", title_justify="left")
+    for column in ("stage", "in", "out", "dropped by reason", "repaired", "MB in", "MB out", "s"):
+        stages.add_column(column)
+    for row in stats["stages"]:
+        stages.add_row(row["stage"], f"{row['in']:,} {row['unit']}", f"{row['out']:,}",
+                       ", ".join(f"{k}: {v}" for k, v in row["dropped"].items()) or "-",
+                       ", ".join(f"{k}: {v}" for k, v in row["repaired"].items()) or "-",
+                       str(row["mb_in"]), str(row["mb_out"]), str(row["seconds"]))
+    console.print(stages)
+    console.print(f"document-length histogram: {stats['plot']}")

@@ -1,0 +1,287 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.gpt import GPT, PRESETS, GPTConfig, KVCache, sample_logits
+
+VOCAB = 512  # vocabulary of the "lively" model used by the generation tests
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one thread is fastest and avoids stalls on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make(preset: str = "tiny", seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig.from_preset(preset, **overrides)).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny() -> GPT:
+    return make("tiny")
+
+
+@pytest.fixture(scope="module")
+def lively() -> GPT:
+    """Tiny model with large random weights: at GPT-2 init a tiny model repeats one token, which
+    would hide cache bugs; with these weights greedy output depends on the whole context."""
+    model = make("tiny", vocab_size=VOCAB)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.2)
+    return model
+
+
+def prompt(n: int, batch: int = 1, vocab: int = 50257, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, n), generator=g)
+
+
+def test_gpt2_param_count() -> None:
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_preset("gpt2"))
+    assert model.num_params() == 124_439_808
+    assert model.num_params(non_embedding=True) == 123_653_376
+
+
+def test_presets_shapes() -> None:
+    expected = {
+        "gpt2": (12, 12, 768),
+        "gpt2-medium": (24, 16, 1024),
+        "gpt2-large": (36, 20, 1280),
+        "gpt2-xl": (48, 25, 1600),
+    }
+    for name, (n_layer, n_head, n_embd) in expected.items():
+        c = PRESETS[name]
+        assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size) == (
+            n_layer,
+            n_head,
+            n_embd,
+            1024,
+            50257,
+        )
+        assert c.bias
+    assert GPTConfig.from_preset("tiny", block_size=32).block_size == 32
+    assert PRESETS["tiny"].block_size == 128  # overrides do not mutate the preset
+
+
+def test_unknown_preset() -> None:
+    with pytest.raises(ValueError, match="gpt2-medium") as err:
+        GPTConfig.from_preset("gpt5")
+    assert "tiny" in str(err.value) and "gpt5" in str(err.value)
+
+
+def test_module_names_follow_gpt2_layout(tiny: GPT) -> None:
+    names = set(dict(tiny.named_parameters(remove_duplicate=False)))
+    for n in [
+        "transformer.wte.weight",
+        "transformer.wpe.weight",
+        "transformer.h.0.ln_1.weight",
+        "transformer.h.0.attn.c_attn.weight",
+        "transformer.h.0.attn.c_attn.bias",
+        "transformer.h.0.attn.c_proj.weight",
+        "transformer.h.1.ln_2.bias",
+        "transformer.h.1.mlp.c_fc.weight",
+        "transformer.h.1.mlp.c_proj.weight",
+        "transformer.ln_f.weight",
+        "lm_head.weight",
+    ]:
+        assert n in names
+
+
+def test_weight_tying(tiny: GPT) -> None:
+    assert tiny.lm_head.weight is tiny.transformer.wte.weight
+
+
+def test_init_std() -> None:
+    model = make("small", vocab_size=1024)
+    n_layer = model.config.n_layer
+    resid_std = 0.02 / math.sqrt(2 * n_layer)
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight"):
+            assert p.std().item() == pytest.approx(resid_std, rel=0.05), name
+        elif name.endswith(("c_attn.weight", "c_fc.weight", "wte.weight", "wpe.weight")):
+            assert p.std().item() == pytest.approx(0.02, rel=0.05), name
+        elif name.endswith("bias") and ".ln_" not in name:
+            assert torch.all(p == 0), name
+
+
+def test_initial_loss_near_uniform(tiny: GPT) -> None:
+    idx = prompt(64, batch=4)
+    targets = prompt(64, batch=4, seed=2)
+    logits, loss = tiny(idx, targets)
+    assert logits.shape == (4, 64, 50257)
+    assert abs(loss.item() - math.log(50257)) < 0.3
+
+
+def test_logits_for_all_positions_without_targets(tiny: GPT) -> None:
+    idx = prompt(10, batch=2)
+    logits, loss = tiny(idx)
+    assert loss is None and logits.shape == (2, 10, 50257)
+    last, _ = tiny(idx, last_only=True)
+    torch.testing.assert_close(last, logits[:, -1:])
+
+
+def test_ignore_index_excluded_from_loss(tiny: GPT) -> None:
+    idx = prompt(16, batch=2)
+    targets = prompt(16, batch=2, seed=3)
+    targets[0, :10] = -100
+    targets[1, 5:7] = -100
+    logits, loss = tiny(idx, targets)
+    logp = F.log_softmax(logits, dim=-1)
+    keep = targets != -100
+    manual = -logp[keep].gather(-1, targets[keep].unsqueeze(-1)).mean()
+    torch.testing.assert_close(loss, manual)
+    # and the masked positions really do not matter
+    other = targets.clone()
+    other[0, :10] = 7
+    assert not torch.allclose(tiny(idx, other)[1], loss)
+
+
+def test_cached_logits_match_full_forward(lively: GPT) -> None:
+    seq = prompt(40, batch=2, vocab=VOCAB)
+    full, _ = lively(seq)
+    cache = KVCache(lively.config.n_layer, lively.config.block_size)
+    logits, _ = lively(seq[:, :10], cache=cache)  # prefill
+    torch.testing.assert_close(logits, full[:, :10], atol=1e-5, rtol=0)
+    for t in range(10, 30):  # one token at a time
+        logits, _ = lively(seq[:, t : t + 1], cache=cache)
+        torch.testing.assert_close(logits[:, -1], full[:, t], atol=1e-5, rtol=0)
+    logits, _ = lively(seq[:, 30:], cache=cache)  # a multi-token chunk after a prefix
+    torch.testing.assert_close(logits, full[:, 30:], atol=1e-5, rtol=0)
+    assert cache.length == 40
+
+
+def test_cache_overflow_raises(tiny: GPT) -> None:
+    cache = KVCache(tiny.config.n_layer, 8)
+    tiny(prompt(8), cache=cache)
+    with pytest.raises(ValueError, match="overflow"):
+        tiny(prompt(1), cache=cache)
+    with pytest.raises(ValueError, match="block_size"):
+        tiny(prompt(tiny.config.block_size + 1))
+
+
+@pytest.mark.parametrize(
+    ("n_prompt", "batch"), [(5, 1), (100, 1), (150, 1), (20, 2)], ids=str
+)  # 100 and 150 run past block_size 128; 150 starts past it
+def test_greedy_with_cache_equals_without(lively: GPT, n_prompt: int, batch: int) -> None:
+    idx = prompt(n_prompt, batch=batch, vocab=VOCAB)
+    with_cache = lively.generate(idx, 40, temperature=0.0, use_cache=True)
+    without = lively.generate(idx, 40, temperature=0.0, use_cache=False)
+    assert with_cache.shape == (batch, n_prompt + 40)
+    assert torch.equal(with_cache[:, :n_prompt], idx)
+    assert torch.equal(with_cache, without)
+
+
+def test_greedy_matches_argmax_of_full_forward(lively: GPT) -> None:
+    idx = prompt(5, vocab=VOCAB)
+    out = lively.generate(idx, 3, temperature=0.0)
+    for t in range(5, 8):
+        logits, _ = lively(out[:, :t])
+        assert out[0, t].item() == logits[0, -1].argmax().item()
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(lively: GPT) -> None:
+    idx = prompt(8, vocab=VOCAB)
+    greedy = lively.generate(idx, 15, temperature=0.0)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(lively.generate(idx, 15, temperature=1.0, top_k=1, generator=g), greedy)
+    assert torch.equal(lively.generate(idx, 15, temperature=1.0, top_p=1e-6, generator=g), greedy)
+
+
+def test_sampling_reproducible_with_generator(lively: GPT) -> None:
+    idx = prompt(8, vocab=VOCAB)
+
+    def run(seed: int, use_cache: bool = True) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return lively.generate(idx, 20, temperature=1.0, top_k=50, generator=g, use_cache=use_cache)
+
+    a = run(123)
+    assert torch.equal(a, run(123))
+    assert torch.equal(a, run(123, use_cache=False))
+    assert not torch.equal(a, run(124))
+
+
+def test_sample_logits_filters() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = {sample_logits(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)}
+    assert draws == {0, 1}
+    # top_p 0.7: 0.5 alone is short of 0.7, 0.5 + 0.3 reaches it -> {0, 1}
+    draws = {sample_logits(logits, 1.0, top_p=0.7, generator=g).item() for _ in range(200)}
+    assert draws == {0, 1}
+    # top_p 0.9: needs the third token too
+    draws = {sample_logits(logits, 1.0, top_p=0.9, generator=g).item() for _ in range(300)}
+    assert draws == {0, 1, 2}
+    assert sample_logits(logits, 0.0).item() == 0
+
+
+def test_eos_stops_generation(lively: GPT) -> None:
+    idx = prompt(6, vocab=VOCAB)
+    greedy = lively.generate(idx, 10, temperature=0.0)[0, 6:].tolist()
+    eos = greedy[4]
+    stop = greedy.index(eos)  # first occurrence, <= 4
+    out = lively.generate(idx, 10, temperature=0.0, eos_id=eos)
+    assert out[0, 6:].tolist() == greedy[: stop + 1]  # eos kept, nothing after
+    streamed = list(lively.stream(idx[0], 10, temperature=0.0, eos_id=eos))
+    assert streamed == greedy[:stop]  # stream stops before yielding eos
+    assert list(lively.stream(idx, 10, temperature=0.0)) == greedy
+
+
+def test_eos_batch_pads_finished_rows(lively: GPT) -> None:
+    idx = prompt(6, batch=2, vocab=VOCAB)
+    greedy = lively.generate(idx, 10, temperature=0.0)[:, 6:]
+    eos = greedy[0, 2].item()
+    out = lively.generate(idx, 10, temperature=0.0, eos_id=eos)[:, 6:]
+    row0 = greedy[0].tolist()
+    stop = row0.index(eos)
+    assert out[0, : stop + 1].tolist() == row0[: stop + 1]
+    assert torch.all(out[0, stop:] == eos)
+    assert eos not in greedy[1].tolist()  # so the other row runs to max_new_tokens
+    assert out.shape[1] == 10 and out[1].tolist() == greedy[1].tolist()
+
+
+def test_configure_optimizer(tiny: GPT) -> None:
+    opt = tiny.configure_optimizer(weight_decay=0.1, lr=3e-4, betas=(0.9, 0.95), device_type="cpu")
+    assert isinstance(opt, torch.optim.AdamW)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert all(p.dim() < 2 for p in no_decay["params"])
+    n = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n == tiny.num_params()
+    assert not opt.defaults["fused"]
+
+
+def test_flops_and_mfu() -> None:
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_preset("gpt2"))
+    expected = 6 * 123_653_376 + 12 * 12 * 12 * 64 * 1024
+    assert model.estimate_flops_per_token() == expected
+    assert model.estimate_flops_per_token(seq_len=512) == 6 * 123_653_376 + 12 * 12 * 12 * 64 * 512
+    assert model.mfu(1000.0, expected * 2000.0) == pytest.approx(0.5)
+
+
+def test_backward_and_dropout_train_mode() -> None:
+    model = make("tiny", dropout=0.1, vocab_size=256).train()
+    idx = prompt(32, batch=2, vocab=256)
+    _, loss = model(idx, idx)
+    loss.backward()
+    assert model.transformer.wte.weight.grad is not None
+    assert model.transformer.h[0].attn.c_attn.weight.grad.abs().sum() > 0
+
+
+def test_mlp_uses_gpt2_tanh_gelu(tiny: GPT) -> None:
+    mlp = tiny.transformer.h[0].mlp
+    x = 40 * torch.randn(2, 3, tiny.config.n_embd)  # large enough that exact and tanh GELU differ
+    h = mlp.c_fc(x)
+    gelu = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
+    torch.testing.assert_close(mlp(x), mlp.c_proj(gelu))
