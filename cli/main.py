@@ -144,7 +144,7 @@ def print_summary(name: str, manifest: dict, workdir: Path, seconds: float) -> N
         dropped += "; repaired " + ", ".join(f"{k}: {v}" for k, v in manifest["repaired"].items())
     table.add_row(str(manifest["docs_in"]), str(manifest["docs_out"]), dropped,
                   f"{manifest['bytes_in'] / 1e6:.1f}", f"{manifest['bytes_out'] / 1e6:.1f}")
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 120)
     console.print(table)
     console.print(f"output: {workdir / name}")
 

@@ -106,8 +106,8 @@ def decode_text(data: bytes, name: str, max_bytes: int) -> Doc | Drop:
 
 
 def normalize_text(text: str) -> str:
-    """Unicode NFC and Unix line endings, so equal text is equal bytes downstream."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    """Unicode NFC, Unix line endings, no byte-order mark: equal text is equal bytes downstream."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\ufeff", "")
     return unicodedata.normalize("NFC", text).strip()
 
 
@@ -241,6 +241,10 @@ def _read_warc(stream: IO[bytes], name: str, max_bytes: int) -> Iterator[Doc | D
             url = record.rec_headers.get_header("WARC-Target-URI")
             rec_name = f"{name}#{number}"
             data = record.content_stream().read(max_bytes + 1)
+            if len(data) <= max_bytes and getattr(record.raw_stream, "limit", 0) > 0:
+                yield Drop(rec_name, "truncated_warc_record", f"{record.raw_stream.limit} "
+                           "bytes missing")
+                continue
             if kind == "conversion":
                 doc = decode_text(data, rec_name, max_bytes)
                 if isinstance(doc, Doc):

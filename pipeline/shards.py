@@ -98,6 +98,16 @@ def fingerprint(shards: list[dict]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def create_layout(dataset: Path) -> None:
+    """The groups every shard lives in (zarr v3 has no implicit groups); idempotent."""
+    import zarr
+
+    root = zarr.open_group(str(dataset), mode="a")
+    for split in SPLITS:
+        root.require_group(split)
+        root.require_group(f"doc_ends/{split}")
+
+
 def write_group_attributes(dataset: Path, attributes: dict) -> None:
     """Written last: a dataset whose group has a fingerprint is complete."""
     import zarr

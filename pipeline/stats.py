@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -116,33 +117,33 @@ def render_stats(stats: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    console.print(f"[bold]{stats['dataset']}[/]  fingerprint {stats['fingerprint'][:16]}…  "
+    console = Console(width=None if sys.stdout.isatty() else 120)  # pipes get whole tables
+    console.print(f"[bold]{stats['dataset']}[/]\nfingerprint {stats['fingerprint']}, "
                   f"tokenizer {stats['tokenizer']}")
-    table = Table(title="shards", title_justify="left")
-    for column in ("split/shard", "tokens", "docs", "doc mean", "median", "p99", "max",
-                   "bytes/token", "sources"):
-        table.add_column(column, justify="left" if column in ("split/shard", "sources")
-                         else "right")
+    shards = Table(title="shards (document lengths in tokens)", title_justify="left")
+    for column in ("shard", "tokens", "docs", "mean", "median", "p99", "max", "B/token"):
+        shards.add_column(column, justify="left" if column == "shard" else "right", no_wrap=True)
     for split, info in stats["splits"].items():
-        for shard in info["shards"]:
-            d = shard["doc_tokens"]
-            table.add_row(f"{split}/{shard['name']}", f"{shard['tokens']:,}", str(shard["docs"]),
-                          f"{d['mean']:,.0f}", f"{d['median']:,.0f}", f"{d['p99']:,.0f}",
-                          f"{d['max']:,}", f"{shard['bytes_per_token']:.2f}",
-                          ", ".join(f"{k} {v}" for k, v in shard["sources"].items()))
-        d = info["doc_tokens"]
-        table.add_row(f"[bold]{split} total", f"[bold]{info['tokens']:,}", str(info["docs"]),
-                      f"{d['mean']:,.0f}", f"{d['median']:,.0f}", f"{d['p99']:,.0f}",
-                      f"{d['max']:,}", f"{info['bytes_per_token']:.2f}", "", end_section=True)
-    console.print(table)
+        rows = [(f"{split}/{s['name']}", s) for s in info["shards"]] + [(f"{split} total", info)]
+        for label, row in rows:
+            d = row["doc_tokens"]
+            shards.add_row(label, f"{row['tokens']:,}", f"{row['docs']:,}", f"{d['mean']:,.0f}",
+                           f"{d['median']:,.0f}", f"{d['p99']:,.0f}", f"{d['max']:,}",
+                           f"{row['bytes_per_token']:.2f}", end_section=label.endswith("total"))
+    console.print(shards)
+    mix = Table(title="source mix (documents)", title_justify="left")
+    mix.add_column("source")
+    mix.add_column("docs", justify="right")
+    for source, docs in stats["source_docs"].items():
+        mix.add_row(source, f"{docs:,}")
+    console.print(mix)
     stages = Table(title="stages", title_justify="left")
-    for column in ("stage", "in", "out", "dropped by reason", "repaired", "MB in", "MB out", "s"):
-        stages.add_column(column)
+    for column in ("stage", "in", "out", "dropped or repaired, by reason", "MB out", "s"):
+        stages.add_column(column, justify="left" if column[0] in "sd" else "right")
     for row in stats["stages"]:
+        reasons = [f"{k} {v}" for k, v in row["dropped"].items()]
+        reasons += [f"repaired {k} {v}" for k, v in row["repaired"].items()]
         stages.add_row(row["stage"], f"{row['in']:,} {row['unit']}", f"{row['out']:,}",
-                       ", ".join(f"{k}: {v}" for k, v in row["dropped"].items()) or "-",
-                       ", ".join(f"{k}: {v}" for k, v in row["repaired"].items()) or "-",
-                       str(row["mb_in"]), str(row["mb_out"]), str(row["seconds"]))
+                       ", ".join(reasons) or "-", str(row["mb_out"]), str(row["seconds"]))
     console.print(stages)
     console.print(f"document-length histogram: {stats['plot']}")

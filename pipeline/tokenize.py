@@ -17,7 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import ForgeConfig, TokenizeConfig, config_hash
-from pipeline.shards import FORMAT, FORMAT_VERSION, SPLITS, fingerprint, write_group_attributes
+from pipeline.shards import (
+    FORMAT,
+    FORMAT_VERSION,
+    SPLITS,
+    create_layout,
+    fingerprint,
+    write_group_attributes,
+)
 from pipeline.shards import write_shard as write_shard_arrays
 from pipeline.stage import (
     ProgressFn,
@@ -182,6 +189,7 @@ def run_tokenize(cfg: ForgeConfig, progress: ProgressFn | None = None,
                          "drop counts of `forge stats`")
     dataset, staging = folder / "dataset.zarr", folder / "staging"
     staging.mkdir(exist_ok=True)
+    create_layout(dataset)
     shard_stage = Stage("tokenize-shards", folder / "shards", stage.config_hash)
     shard_records = shard_stage.run_units(
         [Unit(f"{p['split']}-{p['name']}", {"plan": p, "units_dir": str(units_dir),

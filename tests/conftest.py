@@ -44,3 +44,37 @@ def write_config(path: Path, workdir: Path, sources: list[dict], workers: int = 
     }
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+SMALL_BOOKS = ["pg11", "pg1952", "pg1041", "pg11231", "pg10007", "pg1513", "pg43", "pg2542"]
+
+
+def small_corpus() -> list[dict]:
+    """A few of every kind of real input: books, HTML, WARC, JSONL, a zip of speeches."""
+    return [
+        *({"name": "books", "uri": str(DATA / "books" / f"{b}.txt.gz")} for b in SMALL_BOOKS),
+        {"name": "books", "uri": str(DATA / "books" / "the-verdict.txt")},
+        {"name": "speeches", "uri": str(DATA / "books" / "nltk_inaugural.zip")},
+        {"name": "gutenberg-html", "uri": str(DATA / "html" / "pg11-h.htm.gz")},
+        {"name": "warc", "uri": str(DATA / "warc" / "*.warc*")},
+        {"name": "webdocs", "uri": str(DATA / "webdocs" / "*.gz")},
+    ]
+
+
+def small_config(path: Path, workdir: Path, workers: int = 2) -> Path:
+    import yaml
+
+    config_path = write_config(path, workdir, small_corpus(), workers=workers)
+    config = yaml.safe_load(config_path.read_text())
+    config["data"]["extract"] = {"archive_members_per_unit": 16}
+    config_path.write_text(yaml.safe_dump(config))
+    return config_path
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small corpus prepared once by the real command; tests must not modify it."""
+    root = tmp_path_factory.mktemp("prepared")
+    config = small_config(root / "config.yaml", root / "work")
+    forge("prepare", "--config", str(config), "--quiet")
+    return root / "work"

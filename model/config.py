@@ -1,0 +1,211 @@
+"""The `pretrain:` section of a run config, validated by pydantic.
+
+Like pipeline/config.py: every field is described (the Prefect UI renders these models as
+forms) and unknown keys are rejected, so a typo fails before any work and names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from model.gpt import PRESETS, GPTConfig
+
+
+class PretrainConfigError(ValueError):
+    """A pretraining misconfiguration, in one sentence that names the fields and the fix."""
+
+
+class PretrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # ------------------------------------------------------------ model
+    preset: str = Field(
+        default="small",
+        description=f"Model preset from model.gpt.PRESETS: {', '.join(PRESETS)}.",
+    )
+    n_layer: int | None = Field(default=None, ge=1, description="Override the preset's layers.")
+    n_head: int | None = Field(default=None, ge=1, description="Override the preset's heads.")
+    n_embd: int | None = Field(default=None, ge=1, description="Override the preset's width.")
+    block_size: int | None = Field(
+        default=None, ge=8, description="Override the preset's context length (tokens)."
+    )
+    dropout: float | None = Field(
+        default=None, ge=0.0, lt=1.0, description="Override the preset's dropout (0 pretraining)."
+    )
+    vocab_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Model vocabulary (default: the dataset's). Padding to a multiple of 64, "
+        "e.g. 50304 for GPT-2, makes GPU matmuls faster; never smaller than the dataset's.",
+    )
+
+    # ------------------------------------------------------------ data
+    dataset: str | None = Field(
+        default=None,
+        description="Token dataset (zarr) to train on; default <workdir>/tokenize/dataset.zarr.",
+    )
+    verify_data: bool = Field(
+        default=True,
+        description="Recompute every shard checksum before training (shard sizes are always "
+        "checked); turn off for huge datasets already verified with `forge verify`.",
+    )
+    seed: int = Field(default=1337, description="Seeds the model init, dropout and data order.")
+
+    # ------------------------------------------------------------ hardware
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="auto: CUDA when available, else the CPU."
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto",
+        description="Compute dtype of autocast; auto: bfloat16 on CUDA, float32 on the CPU. "
+        "Weights and optimizer state stay float32.",
+    )
+    compile: bool = Field(default=False, description="torch.compile the model (CUDA runs).")
+    num_threads: int | None = Field(
+        default=None, ge=1, description="CPU threads for torch (default: torch's choice)."
+    )
+
+    # ------------------------------------------------------------ batch and schedule
+    micro_batch_size: int = Field(default=8, ge=1, description="Sequences per forward pass.")
+    total_batch_tokens: int = Field(
+        default=2048,
+        ge=1,
+        description="Global batch in tokens per optimizer step; gradient accumulation steps = "
+        "total_batch_tokens / (micro_batch_size * block_size * world_size), which must be whole.",
+    )
+    max_steps: int = Field(default=200, ge=1, description="Optimizer steps to train for.")
+    lr: float = Field(default=6e-4, gt=0, le=1.0, description="Peak learning rate.")
+    min_lr: float = Field(
+        default=6e-5, ge=0, description="Floor the cosine decays to (at most lr); 0.1 * lr usual."
+    )
+    warmup_steps: int = Field(
+        default=10, ge=0, description="Linear warmup steps (at most max_steps)."
+    )
+    weight_decay: float = Field(
+        default=0.1, ge=0, description="AdamW decay of matrices and embeddings."
+    )
+    betas: tuple[float, float] = Field(default=(0.9, 0.95), description="AdamW betas.")
+    grad_clip: float = Field(
+        default=1.0, ge=0, description="Clip the global gradient norm to this; 0 disables."
+    )
+
+    # ------------------------------------------------------------ evaluation and output
+    eval_every: int = Field(
+        default=50, ge=0, description="Steps between validation losses; 0: only at the end."
+    )
+    eval_batches: int = Field(
+        default=20, ge=1, description="Validation batches (the first N of the val split)."
+    )
+    checkpoint_every: int = Field(
+        default=100, ge=0, description="Steps between checkpoints; 0: only at the end."
+    )
+    keep_last: int = Field(default=3, ge=1, description="Checkpoints kept (the newest K).")
+    log_every: int = Field(default=1, ge=1, description="Steps between log lines.")
+    sample_every: int = Field(
+        default=0, ge=0, description="Steps between sample generations; 0: never."
+    )
+    sample_prompt: str = Field(
+        default="\n", description="Text the samples start from (GPT-2 tokens)."
+    )
+    sample_tokens: int = Field(default=64, ge=1, description="Tokens generated per sample.")
+    vocab_dir: str | None = Field(
+        default=None,
+        description="GPT-2 vocabulary folder for encoding the sample prompt offline "
+        "(default: data.tokenize.vocab_dir of the same config, or $FORGE_VOCAB_DIR).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> PretrainConfig:
+        if self.preset not in PRESETS:
+            raise ValueError(
+                f"preset {self.preset!r} is unknown; valid presets: {', '.join(PRESETS)}"
+            )
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} is above lr {self.lr}; lower min_lr")
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(
+                f"warmup_steps {self.warmup_steps} exceeds max_steps {self.max_steps}"
+            )
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas {self.betas} must both lie in [0, 1)")
+        gpt = self.gpt_config()  # raises on an inconsistent shape (n_embd % n_head)
+        self.grad_accum_steps(world_size=1, block_size=gpt.block_size)
+        return self
+
+    def gpt_config(self, vocab_size: int | None = None) -> GPTConfig:
+        """The model's GPTConfig: the preset with the overrides (and the vocabulary) applied."""
+        overrides = {
+            name: getattr(self, name)
+            for name in ("n_layer", "n_head", "n_embd", "block_size", "dropout")
+            if getattr(self, name) is not None
+        }
+        vocab = self.vocab_size or vocab_size
+        if vocab is not None:
+            overrides["vocab_size"] = vocab
+        try:
+            return GPTConfig.from_preset(self.preset, **overrides)
+        except ValueError as e:
+            raise PretrainConfigError(f"pretrain.preset/n_embd/n_head: {e}") from None
+
+    def grad_accum_steps(self, world_size: int, block_size: int | None = None) -> int:
+        """Micro-batches per optimizer step on each rank; fails fast unless it is whole."""
+        block = block_size or self.gpt_config().block_size
+        per_micro = self.micro_batch_size * block * world_size
+        if self.total_batch_tokens % per_micro or self.total_batch_tokens < per_micro:
+            raise PretrainConfigError(
+                f"pretrain.total_batch_tokens ({self.total_batch_tokens}) must be a positive "
+                f"multiple of pretrain.micro_batch_size ({self.micro_batch_size}) x block_size "
+                f"({block}) x world size ({world_size}) = {per_micro}; set total_batch_tokens "
+                f"to e.g. {max(1, round(self.total_batch_tokens / per_micro)) * per_micro}"
+            )
+        return self.total_batch_tokens // per_micro
+
+    def dataset_path(self, workdir: Path) -> Path:
+        """The dataset to read: `dataset` if set, else the tokenize stage's output."""
+        return Path(self.dataset) if self.dataset else Path(workdir) / "tokenize" / "dataset.zarr"
+
+    def model_dict(self, vocab_size: int) -> dict:
+        """The model config as a plain dict (what checkpoints store and compare)."""
+        return dataclasses.asdict(self.gpt_config(vocab_size))
+
+
+def load_pretrain_config(path: str | Path) -> tuple[Path, PretrainConfig]:
+    """Read `workdir` and the `pretrain:` section of a YAML run config.
+
+    pretrain.vocab_dir defaults to data.tokenize.vocab_dir, so the samples encode offline.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise PretrainConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise PretrainConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise PretrainConfigError(f"config file {path} must hold a mapping at the top level")
+    section = dict(raw.get("pretrain") or {})
+    vocab_dir = ((raw.get("data") or {}).get("tokenize") or {}).get("vocab_dir")
+    if vocab_dir and "vocab_dir" not in section:
+        section["vocab_dir"] = vocab_dir
+    return Path(raw.get("workdir", "runs/default")), validate_pretrain(section, origin=str(path))
+
+
+def validate_pretrain(section: dict, origin: str = "config") -> PretrainConfig:
+    """PretrainConfig from a dict, with errors as one line per field (`pretrain.<field>`)."""
+    try:
+        return PretrainConfig.model_validate(section)
+    except ValidationError as e:
+        lines = []
+        for item in e.errors():
+            field = ".".join(["pretrain", *(str(p) for p in item["loc"])])
+            if item["type"] == "extra_forbidden":
+                lines.append(f"{origin}: unknown field '{field}'; check its spelling")
+            else:
+                msg = item["msg"].removeprefix("Value error, ")
+                lines.append(f"{origin}: {field}: {msg}")
+        raise PretrainConfigError("\n".join(lines)) from None
