@@ -10,9 +10,12 @@ from __future__ import annotations
 import glob
 import gzip
 import hashlib
+import http.client
+import io
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import urllib.error
@@ -40,6 +43,8 @@ log = logging.getLogger(__name__)
 
 USER_AGENT = "forge-data/0.1 (+https://github.com/)"
 PERMANENT_HTTP_ERRORS = {400, 401, 403, 404, 410, 451}
+MAX_UNIT_ID = 150  # a record's temporary name adds ~20 characters; file names stop at 255
+CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)")
 
 
 class PermanentDownloadError(Exception):
@@ -106,15 +111,21 @@ def plan_units(cfg: ForgeConfig) -> list[Unit]:
             units.append(_unit(prefix, "no_match", "missing", source.uri, source))
         base = _glob_base(source.uri)
         base = base if base.is_dir() else base.parent
+        used: set[str] = set()
         for path in matches:
             rel = os.path.relpath(path, base)
-            units.append(_unit(prefix, safe_name(rel.replace(os.sep, "__")), kind, path, source))
+            target = safe_name(rel.replace(os.sep, "__"))
+            if target in used:  # `a b.txt` and `a_b.txt` must not share one output file
+                target = f"{hashlib.sha256(rel.encode()).hexdigest()[:8]}-{target}"
+            used.add(target)
+            units.append(_unit(prefix, target, kind, path, source))
     return units
 
 
 def _unit(prefix: str, target: str, kind: str, origin: str, source: SourceConfig) -> Unit:
+    unit_id = f"{prefix}--{target}"
     return Unit(
-        id=f"{prefix}--{target}",
+        id=unit_id if len(unit_id) <= MAX_UNIT_ID else safe_name(unit_id, MAX_UNIT_ID),
         payload={
             "kind": kind,
             "origin": origin,

@@ -7,32 +7,19 @@ members so that a large archive spreads over the workers.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import time
 from pathlib import Path
 
 from pipeline.config import ExtractConfig, ForgeConfig, config_hash
+from pipeline.documents import PartWriter, finish_document_stage
 from pipeline.readers import Doc, Drop, file_format, list_members, normalize_text, read_file
-from pipeline.stage import (
-    ProgressFn,
-    Stage,
-    StageError,
-    Unit,
-    UnitResult,
-    commit,
-    read_json,
-    safe_name,
-    sha256_file,
-    temp_path_for,
-)
-
-DROP_EXAMPLES_PER_REASON = 3
+from pipeline.stage import ProgressFn, Stage, StageError, Unit, UnitResult, read_json, safe_name
 
 _GUTENBERG_START = re.compile(
     r"^\*{3}\s*START OF (?:THE |THIS )?PROJECT GUTENBERG E-?BOOK.*$", re.I | re.M)
-_GUTENBERG_END = re.compile(r"^\*{3}\s*END OF (?:THE |THIS )?PROJECT GUTENBERG E-?BOOK", re.I | re.M)
+_GUTENBERG_END = re.compile(
+    r"^\*{3}\s*END OF (?:THE |THIS )?PROJECT GUTENBERG E-?BOOK", re.I | re.M)
 
 
 def strip_gutenberg(text: str) -> str:
@@ -46,44 +33,32 @@ def strip_gutenberg(text: str) -> str:
 
 def extract_unit(payload: dict) -> UnitResult:
     cfg = ExtractConfig.model_validate(payload["extract"])
-    max_bytes = int(cfg.max_doc_mb * 1e6)
-    dest = Path(payload["dest"])
-    result = UnitResult(bytes_in=payload["bytes_in"])
-    examples: dict[str, list[str]] = {}
     members = tuple(payload["members"]) if payload["members"] else None
-    tmp = temp_path_for(dest)
-    with open(tmp, "w", encoding="utf-8") as out:
-        for item in read_file(payload["path"], max_bytes, payload["text_field"], members):
-            if isinstance(item, Doc):
-                text = normalize_text(item.text)
-                if cfg.strip_gutenberg:
-                    text = normalize_text(strip_gutenberg(text))
-                if not text:
-                    item = Drop(item.name, "empty")
-            if isinstance(item, Drop):
-                result.drop(item.reason)
-                samples = examples.setdefault(item.reason, [])
-                if len(samples) < DROP_EXAMPLES_PER_REASON:
-                    samples.append(f"{item.name}: {item.detail}".rstrip(": "))
-                continue
-            record = {
-                "id": f"{payload['source']}/{payload['rel']}/{item.name}",
-                "text": text,
-                "source": payload["source"],
-                "url": item.url,
-                "meta": {"format": payload["format"], **item.meta},
-            }
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            result.repaired.update(item.repairs)
-            result.keep()
-            result.bytes_out += len(text.encode())
-    commit(tmp, dest)
-    result.outputs = {"docs_file": dest.name, "sha256": sha256_file(dest),
-                      "drop_examples": examples}
-    return result
+    writer = PartWriter(Path(payload["dest"]), bytes_in=payload["bytes_in"])
+    for item in read_file(payload["path"], int(cfg.max_doc_mb * 1e6), payload["text_field"],
+                          members):
+        if isinstance(item, Doc):
+            text = normalize_text(item.text)
+            if cfg.strip_gutenberg:
+                text = normalize_text(strip_gutenberg(text))
+            if not text:
+                item = Drop(item.name, "empty")
+        if isinstance(item, Drop):
+            writer.drop(item.name, item.reason, item.detail)
+            continue
+        writer.result.repaired.update(item.repairs)
+        writer.keep({
+            "id": f"{payload['source']}/{payload['rel']}/{item.name}",
+            "text": text,
+            "source": payload["source"],
+            "url": item.url,
+            "meta": {"format": payload["format"], **item.meta},
+        })
+    return writer.close()
 
 
-def plan_units(cfg: ForgeConfig, files: list[dict], download_dir: Path, out_dir: Path) -> list[Unit]:
+def plan_units(cfg: ForgeConfig, files: list[dict], download_dir: Path,
+               out_dir: Path) -> list[Unit]:
     per_unit = cfg.data.extract.archive_members_per_unit
     units = []
     for entry in files:
@@ -129,27 +104,4 @@ def run_extract(cfg: ForgeConfig, progress: ProgressFn | None = None,
     (folder / "docs").mkdir(parents=True, exist_ok=True)
     units = plan_units(cfg, download["files"], workdir / "download", folder)
     records = stage.run_units(units, extract_unit, cfg.workers, progress)
-    parts = [{"unit": uid, "file": f"docs/{r['outputs']['docs_file']}", "sha256":
-              r["outputs"]["sha256"], "docs": r["docs_out"]} for uid, r in records.items()]
-    examples: dict[str, list[str]] = {}
-    for record in records.values():
-        for reason, samples in record["outputs"]["drop_examples"].items():
-            examples.setdefault(reason, []).extend(samples)
-    fingerprint = hashlib.sha256("".join(f"{p['unit']}:{p['sha256']};" for p in parts).encode())
-    return stage.write_manifest(
-        records,
-        parts=parts,
-        drop_examples={k: v[:10] for k, v in sorted(examples.items())},
-        input_fingerprint=download["output_fingerprint"],
-        output_fingerprint=fingerprint.hexdigest(),
-        wall_seconds=round(time.perf_counter() - started, 3),
-    )
-
-
-def iter_documents(extract_dir: Path):
-    """Every extracted document in order, as dicts; what the next stages read."""
-    manifest = read_json(extract_dir / "manifest.json")
-    for part in manifest["parts"]:
-        with open(extract_dir / part["file"], encoding="utf-8") as f:
-            for line in f:
-                yield json.loads(line)
+    return finish_document_stage(stage, records, download["output_fingerprint"], started)

@@ -10,13 +10,13 @@ only on the seed and its id, so the result does not depend on the number of work
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.config import ForgeConfig, TokenizeConfig, config_hash
+from pipeline.documents import input_stage, read_part
 from pipeline.shards import (
     FORMAT,
     FORMAT_VERSION,
@@ -71,12 +71,11 @@ def tokenize_unit(payload: dict) -> UnitResult:
             result.bytes_in += text_bytes
 
     batch: list[dict] = []
-    with open(payload["docs_file"], encoding="utf-8") as f:
-        for line in f:
-            batch.append(json.loads(line))
-            if len(batch) == ENCODE_BATCH:
-                flush(batch)
-                batch = []
+    for doc in read_part(payload["docs_file"]):
+        batch.append(doc)
+        if len(batch) == ENCODE_BATCH:
+            flush(batch)
+            batch = []
     flush(batch)
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint16)
     docs = np.array(table, dtype=DOC_TABLE)
@@ -160,7 +159,7 @@ def write_shard(payload: dict) -> UnitResult:
 def run_tokenize(cfg: ForgeConfig, progress: ProgressFn | None = None,
                  overwrite: bool = False) -> dict:
     workdir = Path(cfg.workdir)
-    extract_dir = workdir / _input_stage(workdir)
+    extract_dir = input_stage(cfg, "tokenize")
     upstream = read_json(extract_dir / "manifest.json")
     folder = workdir / "tokenize"
     tcfg = cfg.data.tokenize
@@ -208,15 +207,6 @@ def run_tokenize(cfg: ForgeConfig, progress: ProgressFn | None = None,
         splits=attributes["splits"],
         wall_seconds=round(time.perf_counter() - started, 3),
     )
-
-
-def _input_stage(workdir: Path) -> str:
-    """The newest document stage before tokenize: later issues slot filters in before it."""
-    for name in ("extract",):
-        if (workdir / name / "manifest.json").exists():
-            return name
-    raise StageError(f"tokenize needs extracted documents ({workdir / 'extract'} has no "
-                     "manifest); run `forge extract` first, or `forge prepare`")
 
 
 def dataset_attributes(shards: list[dict], cfg_hash: str) -> dict:

@@ -79,6 +79,6 @@ def test_hostile_inputs_are_counted_and_the_run_completes(tmp_path: Path) -> Non
 
 
 def _doc_ids(work: Path) -> list[str]:
-    from pipeline.extract import iter_documents
+    from pipeline.documents import iter_documents
 
     return [d["id"] for d in iter_documents(work / "extract")]

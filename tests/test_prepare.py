@@ -11,7 +11,7 @@ import yaml
 import zarr
 from conftest import forge, small_config
 
-from pipeline.extract import iter_documents
+from pipeline.documents import iter_documents
 from pipeline.shards import TokenDataset, chunk_file
 from pipeline.tokenizer import EOT_ID, get_encoding
 

@@ -57,7 +57,7 @@ def test_gutenberg_boilerplate_is_cut_from_a_real_book() -> None:
 
 def test_text_file_is_one_document(tmp_path: Path) -> None:
     path = tmp_path / "a.txt.gz"
-    path.write_bytes(gzip.compress("Hello, world.\n".encode()))
+    path.write_bytes(gzip.compress(b"Hello, world.\n"))
     docs, drops = read_all(path)
     assert [d.text for d in docs] == ["Hello, world.\n"] and drops == []
 
