@@ -204,10 +204,24 @@ def download_unit(payload: dict) -> UnitResult:
 
 
 def apply_mirror(uri: str, mirror: dict[str, str]) -> str:
-    """Map a URL onto a mirror: the longest matching prefix wins."""
+    """Map a URL onto a mirror: the longest matching prefix wins.
+
+    A local mirror folder holds files under their decoded URL paths (`a%20b.txt` is
+    `a b.txt`, no query string); a URL that would reach outside it with `..` is a
+    PermanentDownloadError (`outside_mirror`), not a read of some other local file.
+    """
     for prefix in sorted(mirror, key=len, reverse=True):
-        if uri.startswith(prefix):
-            return mirror[prefix].rstrip("/") + "/" + uri[len(prefix) :].lstrip("/")
+        if not uri.startswith(prefix):
+            continue
+        base, rest = mirror[prefix], uri[len(prefix) :]
+        if source_kind(base) == "url":
+            return base.rstrip("/") + "/" + rest.lstrip("/")
+        rest = unquote(rest.split("#")[0].split("?")[0]).lstrip("/")
+        root = os.path.normpath(base)
+        local = os.path.normpath(os.path.join(root, rest))
+        if local != root and not local.startswith(root.rstrip(os.sep) + os.sep):
+            raise PermanentDownloadError("outside_mirror", f"{uri} maps outside the mirror {base}")
+        return local
     return uri
 
 
@@ -222,33 +236,68 @@ def _copy_local(src: Path, dest: Path, cfg: DownloadConfig) -> None:
 
 
 def fetch_url(url: str, dest: Path, cfg: DownloadConfig) -> None:
-    """Download to `dest.part`, resuming with Range after drops; rename when complete."""
+    """Download to `dest.part`, resuming with Range after drops; rename when complete.
+
+    `retries` counts attempts that got nothing new: a flaky link that delivers more each
+    time keeps going (a finite file ends it), a dead one gives up. A permanent failure
+    removes the partial file so that nothing half-written stays in files/.
+    """
     part = dest.with_name(dest.name + ".part")
     cap = int(cfg.max_file_mb * 1e6)
     delay = cfg.backoff_s
-    for attempt in range(cfg.retries + 1):
+    failures = 0
+    while True:
+        before = _size(part)
         try:
             if _fetch_into(url, part, cap, cfg.timeout_s):
                 commit(part, dest)
                 return
             error: Exception = ConnectionError("connection closed before the end of the file")
+        except PermanentDownloadError:
+            part.unlink(missing_ok=True)
+            raise
         except urllib.error.HTTPError as e:
+            e.close()
             if e.code in PERMANENT_HTTP_ERRORS:
+                part.unlink(missing_ok=True)
                 raise PermanentDownloadError(f"http_{e.code}", f"{url}: HTTP {e.code}") from None
             error = e
-        except (urllib.error.URLError, OSError) as e:
-            error = e
-        if attempt < cfg.retries:
-            have = part.stat().st_size if part.exists() else 0
-            log.info("%s: %s; retry %d in %.1fs from byte %d", url, error, attempt + 1, delay, have)
-            time.sleep(delay)
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+            error = e  # timeouts, resets, broken chunked encoding: all worth another try
+        have = _size(part)
+        if have > before:  # progress: start the backoff afresh
+            failures, delay = 0, cfg.backoff_s
+        else:
+            failures += 1
+        if failures > cfg.retries:
+            raise ConnectionError(f"{url}: giving up after {failures} failed attempts: {error}")
+        log.info("%s: %s; retrying in %.1fs from byte %d", url, error, delay, have)
+        time.sleep(delay)
+        if failures:
             delay *= 2
-    raise ConnectionError(f"{url}: giving up after {cfg.retries + 1} attempts: {error}")
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _content_range(value: str | None) -> tuple[int | None, int | None]:
+    """(first byte, total size) of a Content-Range header; None where absent or `*`."""
+    match = CONTENT_RANGE.fullmatch(value.strip()) if value else None
+    if not match:
+        return None, None
+    first, total = match.groups()
+    return (int(first) if first else None), (int(total) if total != "*" else None)
 
 
 def _fetch_into(url: str, part: Path, cap: int, timeout: float) -> bool:
-    """Append what the server sends to `part`; True when the file is complete."""
-    have = part.stat().st_size if part.exists() else 0
+    """Write what the server sends into `part` at the offset it says; True when complete.
+
+    The server decides where its bytes go: a 200 restarts the file, a 206 is placed at the
+    first byte of its Content-Range (whatever was asked), and a 416 means done only when
+    the file's total size equals what is already here.
+    """
+    have = _size(part)
     headers = {"User-Agent": USER_AGENT}
     if have:
         headers["Range"] = f"bytes={have}-"
@@ -256,23 +305,35 @@ def _fetch_into(url: str, part: Path, cap: int, timeout: float) -> bool:
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as e:
-        if e.code == 416 and have:  # nothing left to send: the part is already whole
+        if e.code != 416 or not have:
+            raise
+        _, total = _content_range(e.headers.get("Content-Range"))
+        e.close()
+        if total == have:  # nothing left to send: the part is already whole
             return True
-        raise
+        part.unlink()  # longer than the file (it changed upstream), or unknowable: restart
+        raise ConnectionError(f"HTTP 416 for bytes={have}- of a {total}-byte file") from None
     with response:
-        if have and response.status != 206:  # the server ignored Range: start over
-            have = 0
+        start, total = 0, None
+        if response.status == 206:
+            start, total = _content_range(response.headers.get("Content-Range"))
+            if start is None or start > have:  # no usable range: a gap would corrupt the file
+                part.unlink(missing_ok=True)
+                given = response.headers.get("Content-Range")
+                raise ConnectionError(f"unusable 206 Content-Range {given!r} for bytes={have}-")
         length = response.headers.get("Content-Length")
-        expected = have + int(length) if length is not None else None
+        expected = total if total is not None else (
+            start + int(length) if length is not None and length.isdigit() else None)
         if expected is not None and expected > cap:
             raise PermanentDownloadError("too_large", f"{url}: {expected} bytes exceeds the cap")
-        with open(part, "ab" if have else "wb") as f:
-            received = have
-            while block := response.read(1 << 20):
+        with open(part, "r+b" if start else "wb") as f:
+            f.truncate(start)
+            f.seek(start)
+            received = start
+            # read1: whatever has arrived, so a timeout mid-block loses nothing already here
+            while block := response.read1(1 << 20):
                 received += len(block)
                 if received > cap:
-                    f.close()
-                    part.unlink()
                     raise PermanentDownloadError("too_large", f"{url}: exceeds {cap} bytes")
                 f.write(block)
     return expected is None or received == expected
@@ -315,9 +376,7 @@ def stream_hf_source(stage: Stage, index: int, source: SourceConfig, cfg: Downlo
         dest = files_dir / target
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_path_for(dest)
-        with gzip.open(tmp, "wt", encoding="utf-8") as f:
-            for row in batch:
-                f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        _write_jsonl_gz(tmp, batch)
         commit(tmp, dest)
         size = dest.stat().st_size
         result = UnitResult(bytes_in=size, bytes_out=size)
@@ -334,6 +393,17 @@ def stream_hf_source(stage: Stage, index: int, source: SourceConfig, cfg: Downlo
         if len(batch) < per_part:
             break
     return records
+
+
+def _write_jsonl_gz(path: Path, rows: list[dict]) -> None:
+    """gzip without a name or time in its header: a redone part is byte-identical."""
+    with (
+        open(path, "wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz,
+        io.TextIOWrapper(gz, encoding="utf-8") as f,
+    ):
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
 
 
 # ---------------------------------------------------------------- the stage
