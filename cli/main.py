@@ -17,7 +17,7 @@ from pathlib import Path
 
 log = logging.getLogger("forge")
 
-DATA_STAGES = ("download", "extract", "tokenize")
+DATA_STAGES = ("download", "extract", "filter", "dedupe", "decontaminate", "tokenize")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in DATA_STAGES:
         sub = commands.add_parser(name, parents=[stage_opts], help=f"run the {name} stage")
         sub.set_defaults(handler=run_stages, stages=(name,))
-    sub = commands.add_parser("prepare", parents=[stage_opts], help="all data stages in order")
-    sub.set_defaults(handler=run_stages, stages=DATA_STAGES)
+    sub = commands.add_parser("prepare", parents=[stage_opts],
+                              help="every enabled data stage, in order")
+    sub.set_defaults(handler=run_stages, stages=None)
 
     sub = commands.add_parser("stats", parents=[common], help="statistics of a token dataset")
     sub.add_argument("path", help="a dataset.zarr or a work folder")
@@ -90,18 +91,38 @@ def load_run_config(args: argparse.Namespace):
 
 
 def stage_function(name: str) -> Callable:
+    """The library function of a stage, imported only when needed (fast start-up)."""
     if name == "download":
         from pipeline.download import run_download as fn
     elif name == "extract":
         from pipeline.extract import run_extract as fn
+    elif name == "filter":
+        from pipeline.quality import run_filter as fn
+    elif name == "dedupe":
+        from pipeline.dedupe import run_dedupe as fn
+    elif name == "decontaminate":
+        from pipeline.decontaminate import run_decontaminate as fn
     else:
         from pipeline.tokenize import run_tokenize as fn
     return fn
 
 
+def prepare_stages(cfg) -> list[str]:
+    """download, the enabled document stages, tokenize: what `forge prepare` runs."""
+    from pipeline.documents import enabled_stages
+
+    return ["download", *enabled_stages(cfg), "tokenize"]
+
+
 def run_stages(args: argparse.Namespace) -> int:
+    from pipeline.config import ConfigError
+
     cfg = load_run_config(args)
-    for name in args.stages:
+    stages = args.stages or prepare_stages(cfg)
+    for name in set(stages) - set(prepare_stages(cfg)):
+        raise ConfigError(f"the {name} stage is disabled by the config; set "
+                          f"data.{name}.enabled: true to run it")
+    for name in stages:
         started = time.perf_counter()
         with progress_bar(name, quiet=args.quiet) as progress:
             manifest = stage_function(name)(cfg, progress=progress, overwrite=args.overwrite)

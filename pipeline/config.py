@@ -76,6 +76,33 @@ class ExtractConfig(Strict):
     )
 
 
+class EvalSetConfig(Strict):
+    name: str = Field(description="Label used in the drop reason, e.g. hellaswag.")
+    path: str = Field(description="File holding the evaluation data.")
+    format: Literal["hellaswag", "text", "instructions"] = Field(
+        description="hellaswag: 6-line items (context, label, 4 endings); text: plain or .gz "
+        "text; instructions: Alpaca JSON/JSONL, only its held-out test split is used."
+    )
+    seed: int = Field(default=1337, description="instructions: seed of the split.")
+    val_fraction: float = Field(default=0.05, ge=0, lt=1, description="instructions: val share.")
+    test_fraction: float = Field(default=0.10, gt=0, lt=1,
+                                 description="instructions: test share (held out).")
+
+
+class DecontaminateConfig(Strict):
+    enabled: bool = Field(default=False, description="Run the decontamination stage.")
+    ngram: int = Field(default=13, ge=5, description="Words per n-gram (GPT-3 used 13).")
+    mode: Literal["drop", "cut"] = Field(
+        default="drop",
+        description="drop the document, or cut the matching spans (plus `cut_margin_chars` "
+        "either side) and keep the rest",
+    )
+    cut_margin_chars: int = Field(default=200, ge=0, description="Context removed around a hit.")
+    eval_sets: list[EvalSetConfig] = Field(
+        default_factory=list, description="Evaluation sets whose n-grams must not be trained on."
+    )
+
+
 class TokenizeConfig(Strict):
     encoding: Literal["gpt2"] = Field(default="gpt2", description="tiktoken encoding.")
     vocab_dir: str | None = Field(
@@ -96,6 +123,7 @@ class DataConfig(Strict):
     sources: list[SourceConfig] = Field(min_length=1, description="Where the corpus comes from.")
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    decontaminate: DecontaminateConfig = Field(default_factory=DecontaminateConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
 
 

@@ -119,11 +119,13 @@ def finish_document_stage(stage: Stage, records: dict[str, dict], input_fingerpr
 def run_map_stage(cfg: ForgeConfig, name: str, section: BaseModel,
                   unit_fn: Callable[[dict], UnitResult], progress: ProgressFn | None = None,
                   overwrite: bool = False, payload: dict | None = None,
-                  extra_hash: str = "") -> dict:
+                  extra_hash: str = "", before_units: Callable[[], None] | None = None,
+                  manifest_extra: dict | None = None) -> dict:
     """A stage that maps every upstream part to one output part (filter, decontaminate).
 
     `unit_fn` gets {docs_file, dest, config, **payload}; `extra_hash` folds in inputs that
-    are not in the config (a dedupe decision table, an evaluation-set index).
+    are not in the config (a dedupe decision table, an evaluation-set index), which
+    `before_units` can write into the stage folder once it is claimed.
     """
     upstream_dir = input_stage(cfg, name)
     upstream = read_json(upstream_dir / "manifest.json")
@@ -134,6 +136,8 @@ def run_map_stage(cfg: ForgeConfig, name: str, section: BaseModel,
     stage.claim(overwrite)
     started = time.perf_counter()
     (folder / "docs").mkdir(parents=True, exist_ok=True)
+    if before_units:
+        before_units()
     units = [
         Unit(part["unit"], {
             "docs_file": str(upstream_dir / part["file"]),
@@ -144,4 +148,5 @@ def run_map_stage(cfg: ForgeConfig, name: str, section: BaseModel,
         for part in upstream["parts"]
     ]
     records = stage.run_units(units, unit_fn, cfg.workers, progress)
-    return finish_document_stage(stage, records, upstream["output_fingerprint"], started)
+    return finish_document_stage(stage, records, upstream["output_fingerprint"], started,
+                                 **(manifest_extra or {}))

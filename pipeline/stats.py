@@ -10,7 +10,7 @@ import numpy as np
 
 from pipeline.shards import SPLITS, TokenDataset
 
-STAGE_ORDER = ("download", "extract", "tokenize")
+STAGE_ORDER = ("download", "extract", "filter", "dedupe", "decontaminate", "tokenize")
 
 
 def length_summary(lengths: np.ndarray) -> dict:
