@@ -147,6 +147,7 @@ def run_map_stage(cfg: ForgeConfig, name: str, section: BaseModel,
         })
         for part in upstream["parts"]
     ]
-    records = stage.run_units(units, unit_fn, cfg.workers, progress)
+    records = stage.run_units(units, unit_fn, cfg.workers, progress,
+                                 executor=cfg.executor)
     return finish_document_stage(stage, records, upstream["output_fingerprint"], started,
                                  **(manifest_extra or {}))

@@ -432,7 +432,8 @@ def run_download(cfg: ForgeConfig, progress: ProgressFn | None = None,
     files_dir.mkdir(parents=True, exist_ok=True)
     common = {"out_dir": str(files_dir), "download": cfg.data.download.model_dump(mode="json")}
     units = [Unit(u.id, {**u.payload, **common}) for u in plan_units(cfg)]
-    records = stage.run_units(units, download_unit, cfg.workers, progress)
+    records = stage.run_units(units, download_unit, cfg.workers, progress,
+                                 executor=cfg.executor)
     for index, source in enumerate(cfg.data.sources):
         if source_kind(source.uri) == "hf":
             records.update(stream_hf_source(stage, index, source, cfg.data.download, files_dir))

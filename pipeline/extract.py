@@ -103,5 +103,6 @@ def run_extract(cfg: ForgeConfig, progress: ProgressFn | None = None,
     started = time.perf_counter()
     (folder / "docs").mkdir(parents=True, exist_ok=True)
     units = plan_units(cfg, download["files"], workdir / "download", folder)
-    records = stage.run_units(units, extract_unit, cfg.workers, progress)
+    records = stage.run_units(units, extract_unit, cfg.workers, progress,
+                                 executor=cfg.executor)
     return finish_document_stage(stage, records, download["output_fingerprint"], started)

@@ -18,10 +18,14 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.config import ExecutorConfig
 
 log = logging.getLogger(__name__)
 
@@ -136,13 +140,15 @@ UnitFn = Callable[[dict], UnitResult]
 ProgressFn = Callable[[int, int], None]
 
 
-def _run_one(fn: UnitFn, unit: Unit) -> tuple[str, dict, float]:
+def run_and_record(fn: UnitFn, unit: Unit, record: str) -> dict:
+    """Run one unit and commit its record: the unit's outputs are already committed by `fn`."""
     start = time.perf_counter()
-    result = fn(unit.payload)
-    seconds = time.perf_counter() - start
+    result = fn(unit.payload).to_json()
+    result["seconds"] = round(time.perf_counter() - start, 4)
     # Crash tests widen the window between a unit's outputs and its record with this.
     time.sleep(float(os.environ.get("FORGE_TEST_UNIT_DELAY", "0")))
-    return unit.id, result.to_json(), seconds
+    atomic_write_json(Path(record), result)
+    return result
 
 
 @dataclass
@@ -192,8 +198,13 @@ class Stage:
         fn: UnitFn,
         workers: int,
         progress: ProgressFn | None = None,
+        executor: ExecutorConfig | None = None,
     ) -> dict[str, dict]:
-        """Run every unit without a record; return all records by unit id, in unit order."""
+        """Run every unit without a record; return all records by unit id, in unit order.
+
+        Locally the units run in `workers` processes; with a Ray or Slurm `executor` they run
+        as datatrove tasks on the cluster. Either way each unit commits its own record.
+        """
         ids = [u.id for u in units]
         if len(set(ids)) != len(ids):
             raise StageError(f"{self.name}: duplicate unit ids (a bug): {sorted(ids)[:5]}")
@@ -206,11 +217,16 @@ class Stage:
         if progress:
             progress(done, len(units))
         failures: list[str] = []
-        for unit_id, result, seconds in _execute(fn, pending, workers, failures):
-            result["seconds"] = round(seconds, 4)
-            atomic_write_json(self.record_path(unit_id), result)
-            _maybe_fail_for_test(self.name, done + 1)
+        jobs = [(u, str(self.record_path(u.id))) for u in pending]
+        if executor is None or executor.kind == "local" or not jobs:
+            finished = _execute_locally(fn, jobs, workers, failures)
+        else:
+            from pipeline.executors import execute_distributed
+
+            finished = execute_distributed(self, fn, jobs, executor, failures)
+        for _ in finished:
             done += 1
+            _maybe_fail_for_test(self.name, done)
             if progress:
                 progress(done, len(units))
         if failures:
@@ -241,22 +257,23 @@ class Stage:
         return manifest
 
 
-def _execute(fn: UnitFn, units: list[Unit], workers: int, failures: list[str]) -> Iterable:
-    """Yield (id, result, seconds) as units finish; a failing unit is reported, not fatal."""
-    if workers <= 1 or len(units) <= 1:
-        for unit in units:
+def _execute_locally(fn: UnitFn, jobs: list[tuple[Unit, str]], workers: int,
+                     failures: list[str]) -> Iterable[dict]:
+    """Yield each unit's record as it is committed; a failing unit is reported, not fatal."""
+    if workers <= 1 or len(jobs) <= 1:
+        for unit, record in jobs:
             try:
-                yield _run_one(fn, unit)
+                yield run_and_record(fn, unit, record)
             except Exception as e:  # noqa: BLE001 - reported and retried on rerun
                 log.exception("%s failed", unit.id)
                 failures.append(f"{unit.id}: {type(e).__name__}: {e}")
         return
     # spawn, not fork: the parent may hold threads (progress bar, Prefect) that fork would copy
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        queue = iter(units)
+        queue = iter(jobs)
         running = {}
-        for unit in queue:
-            running[pool.submit(_run_one, fn, unit)] = unit
+        for unit, record in queue:
+            running[pool.submit(run_and_record, fn, unit, record)] = unit
             if len(running) >= workers * 2:
                 break
         while running:
@@ -265,12 +282,15 @@ def _execute(fn: UnitFn, units: list[Unit], workers: int, failures: list[str]) -
                 unit = running.pop(future)
                 try:
                     yield future.result()
+                except BrokenProcessPool:
+                    raise StageError("a worker process died (out of memory?); rerun the same "
+                                     "command to resume") from None
                 except Exception as e:  # noqa: BLE001 - reported and retried on rerun
                     log.error("%s failed: %s", unit.id, e)
                     failures.append(f"{unit.id}: {type(e).__name__}: {e}")
                 nxt = next(queue, None)
                 if nxt is not None:
-                    running[pool.submit(_run_one, fn, nxt)] = nxt
+                    running[pool.submit(run_and_record, fn, *nxt)] = nxt[0]
 
 
 def _maybe_fail_for_test(stage: str, committed: int) -> None:

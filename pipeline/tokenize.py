@@ -159,8 +159,8 @@ def write_shard(payload: dict) -> UnitResult:
 def run_tokenize(cfg: ForgeConfig, progress: ProgressFn | None = None,
                  overwrite: bool = False) -> dict:
     workdir = Path(cfg.workdir)
-    extract_dir = input_stage(cfg, "tokenize")
-    upstream = read_json(extract_dir / "manifest.json")
+    docs_dir = input_stage(cfg, "tokenize")
+    upstream = read_json(docs_dir / "manifest.json")
     folder = workdir / "tokenize"
     tcfg = cfg.data.tokenize
     stage = Stage("tokenize", folder, config_hash(tcfg, upstream["output_fingerprint"]))
@@ -173,13 +173,14 @@ def run_tokenize(cfg: ForgeConfig, progress: ProgressFn | None = None,
     units_dir.mkdir(exist_ok=True)
     units = [
         Unit(part["unit"], {
-            "docs_file": str(extract_dir / part["file"]),
+            "docs_file": str(docs_dir / part["file"]),
             "dest_prefix": str(units_dir / f"{part['unit']}."),
             "tokenize": tcfg.model_dump(mode="json"),
         })
         for part in upstream["parts"]
     ]
-    records = stage.run_units(units, tokenize_unit, cfg.workers, progress)
+    records = stage.run_units(units, tokenize_unit, cfg.workers, progress,
+                                 executor=cfg.executor)
     loaded = [(u.id, np.load(units_dir / f"{u.id}.docs.npy"), records[u.id]["outputs"]["sources"])
               for u in units]
     plans = plan_shards(loaded, tcfg.shard_tokens, tcfg.val_fraction > 0)
@@ -194,7 +195,7 @@ def run_tokenize(cfg: ForgeConfig, progress: ProgressFn | None = None,
         [Unit(f"{p['split']}-{p['name']}", {"plan": p, "units_dir": str(units_dir),
                                              "dataset": str(dataset), "staging": str(staging)})
          for p in plans],
-        write_shard, cfg.workers, progress,
+        write_shard, cfg.workers, progress, executor=cfg.executor,
     )
     shards = [r["outputs"]["shard"] for r in shard_records.values()]
     attributes = dataset_attributes(shards, stage.config_hash)
@@ -202,6 +203,7 @@ def run_tokenize(cfg: ForgeConfig, progress: ProgressFn | None = None,
     return stage.write_manifest(
         records,
         dataset="dataset.zarr",
+        input_stage=docs_dir.name,
         input_fingerprint=upstream["output_fingerprint"],
         output_fingerprint=attributes["fingerprint"],
         splits=attributes["splits"],
