@@ -57,8 +57,9 @@ def tokenize_unit(payload: dict) -> UnitResult:
     result = UnitResult()
 
     def flush(batch: list[dict]) -> None:
-        for doc, ids in zip(batch, encoding.encode_ordinary_batch([d["text"] for d in batch]),
-                            strict=True):
+        # one thread: the stage's parallelism is its worker processes
+        encoded = encoding.encode_ordinary_batch([d["text"] for d in batch], num_threads=1)
+        for doc, ids in zip(batch, encoded, strict=True):
             ids.append(EOT_ID)
             pieces.append(np.asarray(ids, dtype=np.uint16))
             if doc["source"] not in sources:
@@ -195,7 +196,8 @@ def run_tokenize(cfg: ForgeConfig, progress: ProgressFn | None = None,
         [Unit(f"{p['split']}-{p['name']}", {"plan": p, "units_dir": str(units_dir),
                                              "dataset": str(dataset), "staging": str(staging)})
          for p in plans],
-        write_shard, cfg.workers, progress, executor=cfg.executor,
+        # locally in this process: writing is memcpy and sha256, not worth another pool
+        write_shard, 1, progress, executor=cfg.executor,
     )
     shards = [r["outputs"]["shard"] for r in shard_records.values()]
     attributes = dataset_attributes(shards, stage.config_hash)
