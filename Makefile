@@ -30,6 +30,7 @@ lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 bench: setup
+	$(VENV)/bin/pip install -q -e '.[dev,bench]' $(PIP_QUIET)
 	$(VENV)/bin/python bench/tokenize_throughput.py
 	$(VENV)/bin/python bench/prepare_throughput.py
 

