@@ -10,13 +10,13 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from model.gpt import PRESETS, GPTConfig
+from model.gpt_config import PRESETS, GPTConfig
+from pipeline.config import ConfigError, ForgeConfig, explain, load_config
 
 
-class PretrainConfigError(ValueError):
+class PretrainConfigError(ConfigError):
     """A pretraining misconfiguration, in one sentence that names the fields and the fix."""
 
 
@@ -128,9 +128,7 @@ class PretrainConfig(BaseModel):
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr {self.min_lr} is above lr {self.lr}; lower min_lr")
         if self.warmup_steps > self.max_steps:
-            raise ValueError(
-                f"warmup_steps {self.warmup_steps} exceeds max_steps {self.max_steps}"
-            )
+            raise ValueError(f"warmup_steps {self.warmup_steps} exceeds max_steps {self.max_steps}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas {self.betas} must both lie in [0, 1)")
         gpt = self.gpt_config()  # raises on an inconsistent shape (n_embd % n_head)
@@ -174,38 +172,31 @@ class PretrainConfig(BaseModel):
         return dataclasses.asdict(self.gpt_config(vocab_size))
 
 
-def load_pretrain_config(path: str | Path) -> tuple[Path, PretrainConfig]:
-    """Read `workdir` and the `pretrain:` section of a YAML run config.
+class RunConfig(ForgeConfig):
+    """A whole run: the data stages plus training; the `forge` commands and flows read this."""
 
-    pretrain.vocab_dir defaults to data.tokenize.vocab_dir, so the samples encode offline.
-    """
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise PretrainConfigError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as e:
-        raise PretrainConfigError(f"config file {path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise PretrainConfigError(f"config file {path} must hold a mapping at the top level")
-    section = dict(raw.get("pretrain") or {})
-    vocab_dir = ((raw.get("data") or {}).get("tokenize") or {}).get("vocab_dir")
-    if vocab_dir and "vocab_dir" not in section:
-        section["vocab_dir"] = vocab_dir
-    return Path(raw.get("workdir", "runs/default")), validate_pretrain(section, origin=str(path))
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+
+    @model_validator(mode="after")
+    def _vocabulary_for_samples(self) -> RunConfig:
+        if self.pretrain.vocab_dir is None and self.data.tokenize.vocab_dir:
+            self.pretrain.vocab_dir = self.data.tokenize.vocab_dir  # samples encode offline
+        return self
+
+
+def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
+    return load_config(path, overrides, schema=RunConfig)
+
+
+def load_pretrain_config(path: str | Path) -> tuple[Path, PretrainConfig]:
+    """`workdir` and the `pretrain:` section of a YAML run config (what `model.train` needs)."""
+    cfg = load_run_config(path)
+    return Path(cfg.workdir), cfg.pretrain
 
 
 def validate_pretrain(section: dict, origin: str = "config") -> PretrainConfig:
     """PretrainConfig from a dict, with errors as one line per field (`pretrain.<field>`)."""
     try:
-        return PretrainConfig.model_validate(section)
+        return RunConfig.model_validate({"pretrain": section}).pretrain
     except ValidationError as e:
-        lines = []
-        for item in e.errors():
-            field = ".".join(["pretrain", *(str(p) for p in item["loc"])])
-            if item["type"] == "extra_forbidden":
-                lines.append(f"{origin}: unknown field '{field}'; check its spelling")
-            else:
-                msg = item["msg"].removeprefix("Value error, ")
-                lines.append(f"{origin}: {field}: {msg}")
-        raise PretrainConfigError("\n".join(lines)) from None
+        raise PretrainConfigError(explain(e, origin)) from None

@@ -145,7 +145,7 @@ class ShardLoader:
             off = int(self.window_offset[i])
             buf[row] = self._tokens[self.window_shard[i]][off : off + T + 1]
         batch = torch.from_numpy(buf)
-        return batch[:, :-1], batch[:, 1:]
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
     def state_dict(self) -> dict:
         """Where the loader stands; plain ints, so torch.load(weights_only=True) reads it."""
@@ -160,7 +160,7 @@ class ShardLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where `state` left off; refuses a state made for other data or windows."""
-        for key in ("seed", "num_windows", "block_size"):
+        for key in ("seed", "block_size", "num_windows"):
             if int(state[key]) != getattr(self, key):
                 raise ValueError(
                     f"loader state was made with {key}={state[key]}, this loader has "

@@ -283,11 +283,56 @@ class FilterConfig(FilterRules):
         return resolve_rules(base, self.per_source.get(source, {}), source)
 
 
+class DedupeConfig(Strict):
+    """Duplicate removal across all sources (pipeline/dedupe.py, pipeline/minhash.py).
+    FineWeb's setting: shingle_words 5, bands 14, rows 8, verify_threshold 0, chunk_words 0."""
+
+    enabled: bool = Field(default=True, description="Run the dedupe stage.")
+    exact: bool = Field(default=True, description="Drop documents whose text equals another "
+                        "one's once runs of whitespace are collapsed.")
+    near: bool = Field(default=True, description="Drop near duplicates (MinHash LSH, verified).")
+    shingle_words: int = Field(default=2, ge=1, le=64, description="Words per shingle (FineWeb: "
+                               "5; 2 keeps copies with 10-20% of words edited catchable).")
+    bands: int = Field(default=42, ge=1, description="LSH bands (FineWeb: 14).")
+    rows: int = Field(default=3, ge=1, description="MinHash values per band (FineWeb: 8); "
+                      "bands x rows is the signature length.")
+    verify_threshold: float = Field(
+        default=0.55, ge=0, le=1, description="Shingle Jaccard (bottom-k estimate) an LSH "
+        "candidate pair needs to be near duplicates; 0 accepts every candidate, as FineWeb does.")
+    bottom_k: int = Field(default=512, ge=16, description="Bottom-k sketch size for verification "
+                          "(error about sqrt(J(1-J)/k); exact under k shingles).")
+    chunk_words: int = Field(default=500, ge=0, description="Documents of at least twice this "
+                             "many words are also compared by content-defined chunks of about "
+                             "this size, to find one inside another (0: off).")
+    chunk_threshold: float = Field(default=0.3, gt=0, le=1,
+                                   description="Jaccard a pair of chunks needs to match.")
+    chunk_coverage: float = Field(default=0.8, gt=0, le=1, description="Share of a document "
+                                  "found in another that makes it contained there (dropped, "
+                                  "the other kept); near duplicates when both ways hold.")
+    source_priority: list[str] = Field(default_factory=list, description="Source names whose "
+                                       "copy is kept first, in this order.")
+    format_priority: list[str] = Field(default_factory=lambda: ["text"], description="Then "
+                                       "input formats, in this order (default: plain-text files "
+                                       "first); then the longer text, then the smaller id.")
+    seed: int = Field(default=1, description="Seed of the MinHash permutations.")
+
+    @field_validator("chunk_words")
+    @classmethod
+    def _chunk_size(cls, value: int) -> int:
+        if 0 < value < 50:
+            raise ValueError("must be 0 (off) or at least 50 words")
+        return value
+
+
 class DataConfig(Strict):
-    sources: list[SourceConfig] = Field(min_length=1, description="Where the corpus comes from.")
+    sources: list[SourceConfig] = Field(
+        default_factory=list,
+        description="Where the corpus comes from (needed by the data stages, not by training).",
+    )
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
+    dedupe: DedupeConfig = Field(default_factory=DedupeConfig)
     decontaminate: DecontaminateConfig = Field(default_factory=DecontaminateConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
 
@@ -323,11 +368,16 @@ class ForgeConfig(Strict):
     workdir: str = Field(default="runs/default", description="Folder for every stage's output.")
     workers: int = Field(default=2, ge=1, description="Worker processes for data stages.")
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
-    data: DataConfig
+    data: DataConfig = Field(default_factory=DataConfig)
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> ForgeConfig:
-    """Read and validate a YAML config; `overrides` are dotted keys (`data.sources`, `workdir`)."""
+def load_config(path: str | Path, overrides: dict | None = None,
+                schema: type[ForgeConfig] = ForgeConfig) -> ForgeConfig:
+    """Read and validate a YAML config; `overrides` are dotted keys (`data.sources`, `workdir`).
+
+    `schema` is the model to validate with: the data stages need ForgeConfig; the whole run
+    (model.config.RunConfig) adds the training sections.
+    """
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -343,17 +393,19 @@ def load_config(path: str | Path, overrides: dict | None = None) -> ForgeConfig:
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    return validate_config(raw, origin=str(path))
+    return validate_config(raw, origin=str(path), schema=schema)
 
 
-def validate_config(raw: dict, origin: str = "config") -> ForgeConfig:
+def validate_config(raw: dict, origin: str = "config",
+                    schema: type[ForgeConfig] = ForgeConfig) -> ForgeConfig:
     try:
-        return ForgeConfig.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_explain(e, origin)) from None
+        raise ConfigError(explain(e, origin)) from None
 
 
-def _explain(error: ValidationError, origin: str) -> str:
+def explain(error: ValidationError, origin: str) -> str:
+    """One line per bad field, naming it: what a user needs to fix a config."""
     lines = []
     for item in error.errors():
         field = ".".join(str(p) for p in item["loc"]) or "(top level)"
@@ -362,8 +414,10 @@ def _explain(error: ValidationError, origin: str) -> str:
         elif item["type"] == "missing":
             lines.append(f"{origin}: field '{field}' is required")
         else:
-            got = item.get("input")
-            lines.append(f"{origin}: field '{field}' {item['msg'].lower()} (got {got!r})")
+            message = item["msg"].removeprefix("Value error, ")
+            got = repr(item.get("input"))
+            got = got if len(got) <= 80 else got[:77] + "..."
+            lines.append(f"{origin}: field '{field}': {message} (got {got})")
     return "\n".join(lines)
 
 

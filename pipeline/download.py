@@ -423,6 +423,9 @@ def download_config_hash(cfg: ForgeConfig) -> str:
 def run_download(cfg: ForgeConfig, progress: ProgressFn | None = None,
                  overwrite: bool = False) -> dict:
     folder = Path(cfg.workdir) / "download"
+    if not cfg.data.sources:
+        raise StageError("data.sources is empty: list at least one source in the config, or "
+                         "pass --source PATH_OR_URL_OR_GLOB")
     stage = Stage("download", folder, download_config_hash(cfg))
     if manifest := stage.finished_manifest():
         return manifest

@@ -1,0 +1,131 @@
+"""`forge pretrain`, `forge eval` and `forge generate`: the pretraining side of the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EVAL_DIR_HINT = "../shared/data/eval"
+
+
+def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    sub = commands.add_parser("pretrain", parents=[common],
+                              help="pretrain a GPT on the token shards (resumes by default)")
+    sub.add_argument("--config", required=True, help="YAML run config with a pretrain: section")
+    sub.add_argument("--workdir", help="work folder (replaces the config's)")
+    sub.add_argument("--no-resume", dest="resume", action="store_false",
+                     help="start over, discarding this run's checkpoints")
+    sub.set_defaults(handler=pretrain)
+
+    sub = commands.add_parser("eval", parents=[common], help="evaluate a checkpoint")
+    sub.add_argument("checkpoint", help="a checkpoint file or a work folder (its newest)")
+    sub.add_argument("--task", choices=("val", "hellaswag", "wikitext2"), default="val")
+    sub.add_argument("--limit", type=int, help="hellaswag: items; wikitext2: tokens")
+    sub.add_argument("--eval-dir", default=os.environ.get("FORGE_EVAL_DIR", EVAL_DIR_HINT),
+                     help="folder with hellaswag_val_full.txt.bz2 and wikitext-2-test.txt.gz")
+    sub.add_argument("--dataset", help="val: token dataset (default: the run's)")
+    sub.add_argument("--batches", type=int, default=20, help="val: batches to average")
+    sub.add_argument("--vocab-dir", help="GPT-2 vocabulary folder for offline use")
+    sub.add_argument("--device", default="cpu")
+    sub.set_defaults(handler=evaluate)
+
+    sub = commands.add_parser("generate", parents=[common], help="continue a prompt")
+    sub.add_argument("checkpoint", help="a checkpoint file or a work folder (its newest)")
+    sub.add_argument("--prompt", required=True)
+    sub.add_argument("--max-tokens", type=int, default=100)
+    sub.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    sub.add_argument("--top-k", type=int, default=200)
+    sub.add_argument("--top-p", type=float, default=None)
+    sub.add_argument("--seed", type=int, default=1337)
+    sub.add_argument("--vocab-dir", help="GPT-2 vocabulary folder for offline use")
+    sub.add_argument("--device", default="cpu")
+    sub.set_defaults(handler=generate)
+
+
+def pretrain(args: argparse.Namespace) -> int:
+    from cli.main import load_run_config
+    from model.train import run_pretrain
+
+    cfg = load_run_config(args)
+    summary = run_pretrain(cfg.pretrain, Path(cfg.workdir), resume=args.resume)
+    if not args.quiet:
+        print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _model_and_encoding(args: argparse.Namespace):
+    from model.inference import load_model, vocab_dir_for
+    from pipeline.tokenizer import get_encoding
+
+    model, state = load_model(args.checkpoint, device=args.device)
+    return model, state, get_encoding(vocab_dir_for(state, args.vocab_dir))
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from model import evaluate as ev
+
+    model, state, encoding = _model_and_encoding(args)
+    eval_dir = Path(args.eval_dir)
+    if args.task == "hellaswag":
+        result = ev.hellaswag(model, encoding, _need(eval_dir / "hellaswag_val_full.txt.bz2"),
+                              args.limit, args.device)
+    elif args.task == "wikitext2":
+        result = ev.wikitext2(model, encoding, _need(eval_dir / "wikitext-2-test.txt.gz"),
+                              args.device, args.limit)
+    else:
+        result = _val_loss(args, model, state)
+    result["checkpoint"] = state["path"]
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def _need(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; pass --eval-dir (or set FORGE_EVAL_DIR) to "
+                                "the folder holding the evaluation files")
+    return path
+
+
+def _val_loss(args: argparse.Namespace, model, state: dict) -> dict:
+    import torch
+
+    from model.data import ShardLoader
+    from pipeline.shards import TokenDataset
+
+    dataset = args.dataset or (state.get("train_config") or {}).get("dataset")
+    if dataset is None:  # the run's own: <workdir>/pretrain/checkpoints/ckpt -> <workdir>
+        dataset = Path(state["path"]).resolve().parents[2] / "tokenize" / "dataset.zarr"
+    loader = ShardLoader(TokenDataset(dataset), "val", batch_size=8,
+                         block_size=model.config.block_size)
+    losses = []
+    with torch.no_grad():
+        for x, y in loader.first_batches(args.batches):
+            losses.append(model(x.to(args.device), y.to(args.device))[1].item())
+    return {"task": "val", "batches": len(losses), "loss": sum(losses) / len(losses)}
+
+
+def generate(args: argparse.Namespace) -> int:
+    import torch
+
+    model, _, encoding = _model_and_encoding(args)
+    prompt = encoding.encode_ordinary(args.prompt)
+    if not prompt:
+        raise ValueError("--prompt is empty")
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    sys.stdout.write(args.prompt)
+    tokens: list[int] = []
+    printed = ""
+    for token in model.stream(torch.tensor([prompt], device=args.device), args.max_tokens,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              eos_id=encoding.eot_token, generator=generator):
+        tokens.append(token)
+        text = encoding.decode(tokens)
+        if not text.endswith("\ufffd"):  # wait for a multi-byte character to complete
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+    sys.stdout.write("\n")
+    return 0

@@ -1,0 +1,232 @@
+"""Atomic training checkpoints: the newest K, each complete or ignored.
+
+    checkpoints/
+      ckpt-000100.pt      torch.save of the state (written as .ckpt-000100.pt.<pid>.tmp,
+                          fsynced, renamed)
+      ckpt-000100.json    sidecar: step, size and sha256 of the .pt; written last, atomically
+
+A checkpoint counts only once its sidecar exists and the .pt has the size the sidecar records,
+so a run killed at any instant leaves either a complete checkpoint or one that latest() skips.
+Everything saved loads with torch.load(weights_only=True): tensors, and plain dicts, lists,
+strings and numbers (RNG states as tensors and lists, configs as dicts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+FORMAT = "forge-pretrain-checkpoint"
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^ckpt-(\d{6,})\.json$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message names the file and the reason."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class CheckpointManager:
+    """Saves, finds and loads the checkpoints of one run in `folder`, keeping the last K."""
+
+    def __init__(self, folder: str | Path, keep_last: int = 3) -> None:
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be at least 1, got {keep_last}")
+        self.folder = Path(folder)
+        self.keep_last = keep_last
+
+    def path_for(self, step: int) -> Path:
+        return self.folder / f"ckpt-{step:06d}.pt"
+
+    @staticmethod
+    def sidecar_for(path: Path) -> Path:
+        return path.with_suffix(".json")
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        """Write the checkpoint of `step` atomically, then its sidecar, then prune old ones."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for stale in self.folder.glob(".ckpt-*.tmp"):  # left by a killed save
+            stale.unlink(missing_ok=True)
+        final = self.path_for(step)
+        tmp = self.folder / f".{final.name}.{os.getpid()}.tmp"
+        t0 = time.perf_counter()
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(self.folder)
+        sidecar = {
+            "format": FORMAT,
+            "step": step,
+            "file": final.name,
+            "bytes": final.stat().st_size,
+            "sha256": _sha256(final),
+            "time": time.time(),
+        }
+        side = self.sidecar_for(final)
+        side_tmp = self.folder / f".{side.name}.{os.getpid()}.tmp"
+        side_tmp.write_text(json.dumps(sidecar, indent=1) + "\n")
+        with open(side_tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(side_tmp, side)
+        _fsync_dir(self.folder)
+        log.info(
+            "checkpoint %s (%.1f MB, %.1fs)",
+            final,
+            sidecar["bytes"] / 1e6,
+            time.perf_counter() - t0,
+        )
+        self.prune()
+        return final
+
+    def complete(self) -> list[tuple[int, Path]]:
+        """(step, path) of every complete checkpoint, oldest first."""
+        found = []
+        if not self.folder.is_dir():
+            return found
+        for side in self.folder.iterdir():
+            match = _NAME.match(side.name)
+            if not match:
+                continue
+            try:
+                meta = json.loads(side.read_text())
+                path = self.folder / meta["file"]
+                if path.stat().st_size == int(meta["bytes"]):
+                    found.append((int(meta["step"]), path))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # a sidecar or checkpoint that is not all there
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint; half-written or truncated ones are skipped."""
+        done = self.complete()
+        return done[-1][1] if done else None
+
+    def prune(self) -> None:
+        """Keep the newest keep_last complete checkpoints; remove older ones and orphans."""
+        done = self.complete()
+        keep = {path for _, path in done[-self.keep_last :]}
+        newest = done[-1][0] if done else -1
+        for step, path in done[: -self.keep_last]:
+            self.sidecar_for(path).unlink(missing_ok=True)  # sidecar first: never a dangling one
+            path.unlink(missing_ok=True)
+            log.debug("removed checkpoint %s (step %d)", path, step)
+        # .pt files without a sidecar older than the newest complete one: killed mid-save
+        for path in self.folder.glob("ckpt-*.pt"):
+            match = re.match(r"^ckpt-(\d+)\.pt$", path.name)
+            if match and path not in keep and int(match.group(1)) < newest:
+                self.sidecar_for(path).unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
+
+    def load(
+        self, path: str | Path | None = None, map_location: str | torch.device = "cpu"
+    ) -> dict:
+        """The state saved in `path` (default: latest()), checked against its sidecar's sha256."""
+        path = Path(path) if path is not None else self.latest()
+        if path is None:
+            raise CheckpointError(f"no complete checkpoint in {self.folder}")
+        return load_checkpoint(path, map_location)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """torch.load(weights_only=True) of a checkpoint, verified against its sidecar if present."""
+    path = Path(path)
+    side = CheckpointManager.sidecar_for(path)
+    if side.is_file():
+        meta = json.loads(side.read_text())
+        if _sha256(path) != meta.get("sha256"):
+            raise CheckpointError(
+                f"checkpoint {path} does not match the sha256 in {side}: "
+                "it is corrupt; delete it to resume from an older one"
+            )
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {e}") from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a forge pretraining checkpoint")
+    return state
+
+
+def check_compatible(state: dict, path: str | Path, model_config: dict, fingerprint: str) -> None:
+    """Refuse a checkpoint made for another model shape or another dataset."""
+    saved = state.get("model_config", {})
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r}, config {v!r}"
+        for k, v in model_config.items()
+        if k != "dropout" and saved.get(k) != v
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} was made for another model ({'; '.join(diffs)}); use the "
+            "config it was trained with, or start over with resume disabled"
+        )
+    if state.get("dataset_fingerprint") != fingerprint:
+        raise CheckpointError(
+            f"checkpoint {path} was trained on dataset {state.get('dataset_fingerprint')!r}, "
+            f"not on this one ({fingerprint!r}); point pretrain.dataset at the original data, "
+            "or start over with resume disabled"
+        )
+
+
+# ---------------------------------------------------------------- RNG states
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states in weights_only-loadable form (tensors, lists, numbers)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": [int(version), [int(x) for x in internal], gauss_next],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what rng_state() captured."""
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
