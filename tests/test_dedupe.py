@@ -176,7 +176,8 @@ def test_the_six_html_editions_are_caught_and_the_txt_is_kept(
         assert preferred[name] == ("near_duplicate", f"{name}-h")
 
 
-def test_distinct_books_are_not_clustered_and_tinyshakespeare_is_kept(books: dict[str, str]) -> None:
+def test_distinct_books_are_not_clustered_and_tinyshakespeare_is_kept(
+        books: dict[str, str]) -> None:
     docs = [doc(name, text, "books", "text") for name, text in books.items()]
     decided = decide(docs)
     dropped = {name: d for name, d in decided.items() if d[0] is not None}

@@ -28,8 +28,8 @@ if [ -z "$array" ]; then bash "$script" > /dev/null 2>&1 || exit 1
 else
   for i in $(seq 0 "$array"); do
     SLURM_ARRAY_TASK_ID=$i SLURM_ARRAY_JOB_ID=4242 SLURM_JOB_ID=$((4243 + i)) \
-      SLURM_NODELIST=localhost SLURM_NODEID=0 RUN_OFFSET=$offset bash "$script" >> "$(dirname "$0")/tasks.log" 2>&1 \
-      || exit 1
+      SLURM_NODELIST=localhost SLURM_NODEID=0 RUN_OFFSET=$offset \
+      bash "$script" >> "$(dirname "$0")/tasks.log" 2>&1 || exit 1
   done
 fi
 echo "Submitted batch job 4242"
