@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/forge prepare --config configs/demo.yaml
+	$(VENV)/bin/forge run --config configs/demo.yaml
 
 test: setup
 	$(VENV)/bin/ruff check .

@@ -71,6 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("verify", parents=[common], help="recompute every checksum")
     sub.add_argument("path", help="a dataset.zarr or a work folder")
     sub.set_defaults(handler=verify_dataset)
+
+    from cli import training  # pretrain, eval, generate
+
+    training.register(commands, common)
+
+    from cli.orchestration import add_commands  # server, serve, run (Prefect)
+
+    add_commands(commands, common)
+
+    from cli import assistant  # finetune, chat, import-gpt2, export
+
+    assistant.register(commands, common)
     return parser
 
 
@@ -78,16 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_run_config(args: argparse.Namespace):
-    from pipeline.config import load_config
+    """The whole run's config (data and training sections) with the command-line overrides."""
+    from model.config import load_run_config as load
 
     overrides: dict = {}
     if args.workdir:
         overrides["workdir"] = args.workdir
-    if args.workers:
+    if getattr(args, "workers", None):
         overrides["workers"] = args.workers
-    if args.source:
+    if getattr(args, "source", None):
         overrides["data.sources"] = [{"uri": s} for s in args.source]
-    return load_config(args.config, overrides)
+    return load(args.config, overrides)
 
 
 def stage_function(name: str) -> Callable:
