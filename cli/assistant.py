@@ -1,0 +1,175 @@
+"""`forge finetune`, `forge chat`, `forge import-gpt2` and `forge export`: the assistant side.
+
+Every CHECKPOINT argument is a checkpoint file or a work folder (its newest complete
+checkpoint of the latest stage: fine-tuned if there is one, else pretrained); see
+model/inference.py. Heavy imports stay inside the handlers so `forge --help` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+CHECKPOINT_HELP = "a checkpoint file or a work folder (its newest fine-tuned, else pretrained)"
+
+
+def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add the assistant commands to the `forge` parser."""
+    sub = commands.add_parser(
+        "finetune", parents=[common], help="instruction-fine-tune a checkpoint (full or LoRA)"
+    )
+    sub.add_argument("--config", required=True, help="YAML run config with a finetune: section")
+    sub.add_argument("--workdir", help="output folder (replaces the config's workdir)")
+    sub.add_argument(
+        "--data",
+        action="append",
+        metavar="FILE",
+        help="Alpaca JSON/JSONL file replacing finetune.data; repeatable",
+    )
+    sub.add_argument("--base", metavar="CHECKPOINT", help="start from this " + CHECKPOINT_HELP)
+    sub.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in the work folder from its newest checkpoint",
+    )
+    sub.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard an existing fine-tuning run and start over",
+    )
+    sub.set_defaults(handler=finetune)
+
+    sub = commands.add_parser(
+        "chat", parents=[common], help="talk to a model: interactive, multi-turn, streaming"
+    )
+    sub.add_argument("checkpoint", metavar="CHECKPOINT", help=CHECKPOINT_HELP)
+    sub.add_argument("--prompt", help="answer this once and exit")
+    sub.add_argument("--temperature", type=float, default=0.7, help="0: greedy (default 0.7)")
+    sub.add_argument("--top-k", type=int, default=50, help="default 50; 0 disables")
+    sub.add_argument("--top-p", type=float, default=0.95, help="default 0.95; 1 disables")
+    sub.add_argument("--max-new-tokens", type=int, default=256, help="default 256")
+    sub.add_argument("--seed", type=int, help="seed the sampling (default: random)")
+    sub.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    sub.add_argument(
+        "--vocab-dir", help="GPT-2 vocabulary folder (default: $FORGE_VOCAB_DIR or the run's own)"
+    )
+    sub.set_defaults(handler=chat)
+
+    sub = commands.add_parser(
+        "import-gpt2",
+        parents=[common],
+        help="Hugging Face GPT-2 folder (safetensors) -> forge checkpoint",
+    )
+    sub.add_argument("folder", metavar="DIR", help="folder with config.json + model.safetensors")
+    sub.add_argument(
+        "out", metavar="OUT", help="a .pt file, or a work folder (-> OUT/pretrain/checkpoints/)"
+    )
+    sub.set_defaults(handler=import_gpt2)
+
+    sub = commands.add_parser(
+        "export",
+        parents=[common],
+        help="forge checkpoint -> Hugging Face GPT-2 folder (safetensors)",
+    )
+    sub.add_argument("checkpoint", metavar="CHECKPOINT", help=CHECKPOINT_HELP)
+    sub.add_argument("out", metavar="OUT", help="output folder")
+    sub.add_argument(
+        "--format",
+        choices=("hf",),
+        default="hf",
+        help="hf: config.json + model.safetensors (LoRA adapters merged)",
+    )
+    sub.set_defaults(handler=export)
+
+
+def finetune(args: argparse.Namespace) -> int:
+    from model.finetune import apply_overrides, run_finetune
+    from model.finetune_config import load_finetune_config
+
+    workdir, cfg = load_finetune_config(args.config)
+    cfg = apply_overrides(cfg, args.data, args.base)
+    summary = run_finetune(
+        cfg,
+        Path(args.workdir) if args.workdir else workdir,
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
+    if not args.quiet:
+        test = summary["test"] or {}
+        print(
+            f"finetune ({summary['method']}): {summary['steps']} steps, records "
+            f"{summary['records']}, dropped {summary['dropped'] or 'none'}"
+        )
+        before = summary["val_loss_before"]
+        print(
+            f"val loss {summary['val_loss']:.4f}"
+            + (f" (before: {before:.4f})" if before is not None else "")
+            + (
+                f"; test ROUGE-L F1 {test['rouge_l_f1']:.2f}, token F1 {test['token_f1']:.2f} "
+                f"over {test['records']} records -> {summary['test_responses']}"
+                if test
+                else ""
+            )
+        )
+        print(f"checkpoint: {summary['checkpoint']}")
+    return 0
+
+
+def chat(args: argparse.Namespace) -> int:
+    import torch
+
+    from model.chat import Chat, GenerationSettings, run_chat
+    from model.inference import load_model, vocab_dir_for
+    from pipeline.tokenizer import get_encoding
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, state = load_model(args.checkpoint, device=device)
+    enc = get_encoding(vocab_dir_for(state, args.vocab_dir))
+    settings = GenerationSettings(
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        top_p=args.top_p if args.top_p < 1 else None,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
+    session = Chat(model, enc, settings)
+    if args.prompt is None and sys.stdin.isatty():
+        import readline  # noqa: F401 - line editing and history for input()
+    kind = state.get("method") or "pretrained"
+    banner = (
+        f"forge chat: {state['path']} ({kind}, {model.num_params() / 1e6:.1f}M parameters, "
+        f"context {model.config.block_size}). /help for commands, /exit to quit."
+    )
+    return run_chat(session, prompt=args.prompt, banner=banner)
+
+
+def import_gpt2(args: argparse.Namespace) -> int:
+    from model.hf_io import import_gpt2 as run
+
+    path = run(args.folder, args.out)
+    if not args.quiet:
+        print(f"imported {args.folder} -> {path}")
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    from model.hf_io import export_hf
+    from model.inference import load_model
+
+    model, state = load_model(args.checkpoint)
+    out = export_hf(model, args.out)
+    if not args.quiet:
+        print(
+            json.dumps(
+                {
+                    "checkpoint": state["path"],
+                    "out": str(out),
+                    "files": sorted(p.name for p in out.iterdir()),
+                }
+            )
+        )
+    return 0

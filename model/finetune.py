@@ -1,0 +1,932 @@
+"""Instruction fine-tuning (Raschka ch. 7), with pretraining's checkpoints and exact resume.
+
+run_finetune() trains a pretrained (or imported) GPT on Alpaca-format records into
+<workdir>/finetune/:
+
+    log.jsonl            one JSON record per logged step and validation loss
+    checkpoints/         ckpt-NNNNNN.pt + .json sidecars, the newest K (a LoRA run's hold only
+                         the adapters, plus the path and sha256 of the base checkpoint)
+    test_responses.json  the test split answered by the final model, beside the references,
+                         with ROUGE-L F1 and token F1 per record and on average
+    loss.png, manifest.json (config, base, data files and hashes, counts, drops, summary)
+
+Each file is split with pipeline.instructions.split_records, the split decontamination uses,
+so the test records are held out of training here and removed from the pretraining corpus
+there. A record becomes the Alpaca prompt plus its output and <|endoftext|>; a batch is padded
+with <|endoftext|> to its longest record, and the padding (and, by default, the prompt) gets
+target -100. Bad records never stop a run: each is dropped and counted under its reason.
+
+    python -m model.finetune --config configs/demo.yaml [--resume] [--overwrite]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import re
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from model.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
+from model.finetune_config import (
+    FinetuneConfig,
+    FinetuneConfigError,
+    load_finetune_config,
+    validate_finetune,
+)
+from model.gpt import GPT
+from model.inference import (
+    FINETUNE_FORMAT,
+    format_prompt,
+    load_model,
+    read_checkpoint,
+    resolve_checkpoint,
+    sha256_file,
+)
+from model.lora import apply_lora, lora_state_dict, merge_lora
+from model.train import (
+    MetricsLog,
+    WarmupCosine,
+    plot_losses,
+    read_log,
+    resolve_device,
+    resolve_dtype,
+    seed_everything,
+)
+from pipeline.instructions import load_records, record_key, split_records
+from pipeline.stage import atomic_write_json
+from pipeline.tokenizer import EOT_ID, get_encoding
+
+log = logging.getLogger("model.finetune")
+
+ProgressFn = Callable[[int, int], None]
+IGNORE = -100  # cross_entropy's ignore_index: no loss at this position
+SPLITS = ("train", "val", "test")
+
+
+class FinetuneError(RuntimeError):
+    """Fine-tuning cannot start or continue; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class Example:
+    """One record as tokens: the prompt, then the response ending with <|endoftext|>."""
+
+    prompt: list[int]
+    response: list[int]
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.response)
+
+
+def encode_record(enc: Any, record: dict) -> Example:
+    """Prompt and response encoded apart (as at inference: the prompt, then generation);
+    special-token text inside a record is plain text, never a real <|endoftext|>."""
+    prompt = enc.encode_ordinary(format_prompt(record["instruction"], record["input"]))
+    return Example(prompt, enc.encode_ordinary(record["output"]) + [EOT_ID])
+
+
+@dataclass
+class InstructionData:
+    """The split records, their examples, and the account of everything dropped."""
+
+    records: dict[str, list[dict]]
+    examples: dict[str, list[Example]]
+    dropped: Counter
+    files: list[dict]
+    records_in: int
+    fingerprint: str
+
+    def counts(self) -> dict[str, int]:
+        return {name: len(self.examples[name]) for name in SPLITS}
+
+
+def load_instruction_data(
+    paths: list[str],
+    enc: Any,
+    max_len: int,
+    split_seed: int,
+    val_fraction: float,
+    test_fraction: float,
+) -> InstructionData:
+    """Read, split, de-duplicate and encode instruction files; count every record dropped.
+
+    Each file is split on its own (as decontamination splits it); then a train or val record
+    that also appears in a test split (files can overlap) or earlier in train/val is dropped,
+    and so is a record of more than max_len tokens or with text that cannot be encoded.
+    """
+    records: dict[str, list[dict]] = {name: [] for name in SPLITS}
+    dropped: Counter = Counter()
+    files, records_in = [], 0
+    for name in paths:
+        path = Path(name)
+        if not path.is_file():
+            raise FinetuneConfigError(
+                f"finetune.data: {path} does not exist; give Alpaca-format JSON/JSONL files"
+            )
+        try:
+            good, bad = load_records(path)
+        except (ValueError, OSError, EOFError) as e:  # not JSON at all, or a broken archive
+            raise FinetuneError(f"{path} is not a readable JSON or JSONL file: {e}") from None
+        valid = [r for r in good if _encodable(r)]  # a lone surrogate breaks the split's hash
+        if len(valid) < len(good):
+            bad["invalid_unicode"] += len(good) - len(valid)
+        good = valid
+        parts = split_records(good, split_seed, val_fraction, test_fraction)
+        for split in SPLITS:
+            records[split] += parts[split]
+        dropped.update(bad)
+        records_in += len(good) + sum(bad.values())
+        files.append(
+            {
+                "path": str(path),
+                "sha256": sha256_file(path),
+                "records": len(good) + sum(bad.values()),
+                "valid": len(good),
+                "dropped": dict(bad),
+            }
+        )
+    test_keys = {record_key(r) for r in records["test"]}
+    seen: set[str] = set()
+    for split in ("train", "val"):
+        kept = []
+        for record in records[split]:
+            key = record_key(record)
+            if key in test_keys:
+                dropped["in_test_split"] += 1
+            elif key in seen:
+                dropped["duplicate"] += 1
+            else:
+                seen.add(key)
+                kept.append(record)
+        records[split] = kept
+    examples: dict[str, list[Example]] = {}
+    for split in SPLITS:
+        kept_records, kept_examples = [], []
+        for record in records[split]:
+            try:
+                example = encode_record(enc, record)
+            except (ValueError, TypeError):  # text the tokenizer refuses
+                dropped["bad_text"] += 1
+                continue
+            if len(example) > max_len:
+                dropped["too_long"] += 1
+                continue
+            kept_records.append(record)
+            kept_examples.append(example)
+        records[split], examples[split] = kept_records, kept_examples
+    payload = json.dumps(
+        [[f["sha256"] for f in files], split_seed, val_fraction, test_fraction, max_len]
+    )
+    return InstructionData(
+        records=records,
+        examples=examples,
+        dropped=Counter(dict(sorted(dropped.items()))),
+        files=files,
+        records_in=records_in,
+        fingerprint=hashlib.sha256(payload.encode()).hexdigest()[:16],
+    )
+
+
+def _encodable(record: dict) -> bool:
+    try:
+        record_key(record).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class Batch(NamedTuple):
+    x: torch.Tensor  # (B, T) inputs, padded with <|endoftext|>
+    y: torch.Tensor  # (B, T) targets, -100 at padding (and prompt, when masked)
+    tokens: int  # real (unpadded) input positions
+    targets: int  # positions that count in the loss
+
+
+def collate(examples: list[Example], mask_prompt: bool, pad_id: int = EOT_ID) -> Batch:
+    """Pad to the longest example; targets are the inputs shifted by one, -100 where ignored."""
+    T = max(len(e) for e in examples) - 1
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    tokens = 0
+    for i, e in enumerate(examples):
+        seq = torch.tensor(e.prompt + e.response, dtype=torch.long)
+        n = len(seq) - 1
+        x[i, :n], y[i, :n] = seq[:-1], seq[1:]
+        if mask_prompt:
+            y[i, : len(e.prompt) - 1] = IGNORE  # targets that are prompt tokens
+        tokens += n
+    return Batch(x, y, tokens, int((y != IGNORE).sum()))
+
+
+class InstructionLoader:
+    """Batches of examples in a seeded order per epoch; its position is part of a checkpoint.
+
+    The last batch of an epoch is short rather than dropped, so every record is seen once
+    per epoch. shuffle=False visits the examples in order (validation).
+    """
+
+    def __init__(
+        self,
+        examples: list[Example],
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        mask_prompt: bool = True,
+    ) -> None:
+        if not examples:
+            raise FinetuneError("no examples to load")
+        self.examples, self.batch_size = examples, batch_size
+        self.seed, self.shuffle, self.mask_prompt = seed, shuffle, mask_prompt
+        self.epoch, self.position = 0, 0
+        self._order: tuple[int, np.ndarray] | None = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self.examples) / self.batch_size)
+
+    def order(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            n = len(self.examples)
+            perm = (
+                np.random.default_rng([self.seed, epoch]).permutation(n)
+                if self.shuffle
+                else np.arange(n)
+            )
+            self._order = (epoch, perm)
+        return self._order[1]
+
+    def next_batch(self) -> Batch:
+        if self.position >= len(self.examples):
+            self.epoch, self.position = self.epoch + 1, 0
+        ids = self.order(self.epoch)[self.position : self.position + self.batch_size]
+        self.position += len(ids)
+        return collate([self.examples[i] for i in ids], self.mask_prompt)
+
+    def first_batches(self, n: int | None = None) -> Iterator[Batch]:
+        """The first n batches in storage order (all when n is None), whatever the state."""
+        total = len(self.examples) if n is None else min(n * self.batch_size, len(self.examples))
+        for start in range(0, total, self.batch_size):
+            chunk = self.examples[start : min(start + self.batch_size, total)]
+            yield collate(chunk, self.mask_prompt)
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "examples": len(self.examples),
+            "batch_size": self.batch_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, mine in (
+            ("seed", self.seed),
+            ("examples", len(self.examples)),
+            ("batch_size", self.batch_size),
+        ):
+            if int(state[key]) != mine:
+                raise FinetuneError(
+                    f"loader state was made with {key}={state[key]}, this "
+                    f"run has {key}={mine}; resume with the original config"
+                )
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+# ---------------------------------------------------------------- scores
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 on lower-cased words: the longest common subsequence's precision and recall."""
+    p, r = _words(prediction), _words(reference)
+    if not p or not r:
+        return float(p == r)
+    prev = [0] * (len(r) + 1)
+    for a in p:
+        cur = [0]
+        for j, b in enumerate(r):
+            cur.append(prev[j] + 1 if a == b else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(p), lcs / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD's F1: overlap of the bags of lower-cased words."""
+    p, r = _words(prediction), _words(reference)
+    if not p or not r:
+        return float(p == r)
+    common = sum((Counter(p) & Counter(r)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+@torch.no_grad()
+def answer(
+    model: GPT,
+    enc: Any,
+    prompt: list[int],
+    max_new_tokens: int,
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager,
+) -> str:
+    """The greedy answer to an encoded prompt, up to <|endoftext|> (never past the context)."""
+    room = model.config.block_size - len(prompt)
+    if room <= 0:
+        return ""
+    idx = torch.tensor([prompt], device=device)
+    with autocast:
+        out = model.generate(idx, min(max_new_tokens, room), temperature=0.0, eos_id=EOT_ID)
+    tokens = out[0, len(prompt) :].tolist()
+    if EOT_ID in tokens:
+        tokens = tokens[: tokens.index(EOT_ID)]
+    return enc.decode(tokens).strip()
+
+
+def answer_records(
+    model: GPT,
+    enc: Any,
+    records: list[dict],
+    examples: list[Example],
+    max_new_tokens: int,
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager,
+    progress: ProgressFn | None = None,
+) -> tuple[list[dict], dict]:
+    """Each record answered and scored against its reference output; and the averages."""
+    rows = []
+    for i, (record, example) in enumerate(zip(records, examples, strict=True)):
+        response = answer(model, enc, example.prompt, max_new_tokens, device, autocast)
+        rows.append(
+            {
+                **record,
+                "model_response": response,
+                "rouge_l_f1": round(rouge_l(response, record["output"]), 4),
+                "token_f1": round(token_f1(response, record["output"]), 4),
+            }
+        )
+        if progress:
+            progress(i + 1, len(records))
+    n = len(rows)
+    scores = {
+        "records": n,
+        "rouge_l_f1": round(100 * sum(r["rouge_l_f1"] for r in rows) / n, 2) if n else None,
+        "token_f1": round(100 * sum(r["token_f1"] for r in rows) / n, 2) if n else None,
+    }
+    return rows, scores
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _fresh_start(out: Path) -> None:
+    for name in ("checkpoints", "log.jsonl", "loss.png", "manifest.json", "test_responses.json"):
+        target = out / name
+        if target.is_dir():
+            log.warning("starting over: removing %s", target)
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+class FinetuneTrainer:
+    """One fine-tuning run: base model (+ LoRA), data, optimizer, schedule, loader, RNG.
+
+    A checkpoint is their states side by side (for LoRA, the adapters only); resuming puts each
+    back (load_state_dict), so the next step is exactly the one an uninterrupted run would take.
+    """
+
+    def __init__(
+        self, cfg: FinetuneConfig, workdir: Path, resume: bool = True, overwrite: bool = False
+    ) -> None:
+        self.cfg = cfg
+        self.out = Path(workdir) / "finetune"
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        if self.device.type == "cpu":
+            torch.use_deterministic_algorithms(True)  # exact resume on the CPU
+        self.autocast = (
+            torch.autocast(device_type=self.device.type, dtype=self.dtype)
+            if self.dtype != torch.float32
+            else contextlib.nullcontext()
+        )
+        self.checkpoints = CheckpointManager(self.out / "checkpoints", cfg.keep_last)
+        latest = self.checkpoints.latest()
+        if latest is not None and not resume:
+            if not overwrite:
+                raise FinetuneError(
+                    f"{self.out} already holds a fine-tuning run (newest checkpoint {latest}); "
+                    "pass --resume to continue it or --overwrite to start over"
+                )
+            _fresh_start(self.out)
+            latest = None
+        elif latest is None and not resume:
+            _fresh_start(self.out)  # a log without checkpoints: nothing worth keeping
+        self.resumed_from = latest
+        saved = read_checkpoint(latest) if latest is not None else None
+        if saved is not None and saved.get("format") != FINETUNE_FORMAT:
+            raise FinetuneError(f"{latest} is not a fine-tuning checkpoint")
+
+        # the base: what the run started from, or (fresh) the newest one under cfg.base
+        if saved is not None:
+            self.base = saved["base"]
+            base_path = Path(self.base["path"])
+            if not base_path.is_file() or sha256_file(base_path) != self.base["sha256"]:
+                raise CheckpointError(
+                    f"{latest} was fine-tuned from {base_path}, which is gone or has changed; "
+                    "restore it, or start over with --overwrite"
+                )
+        else:
+            base_path = resolve_checkpoint(cfg.base_path(workdir)).resolve()
+            self.base = {"path": str(base_path), "sha256": sha256_file(base_path)}
+        seed_everything(cfg.seed)
+        self.raw, base_state = load_model(base_path, dropout=cfg.dropout)
+        self.base["step"] = base_state.get("step")
+        self.vocab_dir = cfg.vocab_dir
+        self.enc = get_encoding(cfg.vocab_dir)
+        gpt = self.raw.config
+        if gpt.vocab_size < self.enc.n_vocab:
+            raise FinetuneError(
+                f"the base model {base_path} has a vocabulary of {gpt.vocab_size} tokens, fewer "
+                f"than GPT-2's {self.enc.n_vocab}: it was not trained on GPT-2 tokens"
+            )
+        self.model_dict = dataclasses.asdict(gpt)
+        self.max_len = min(cfg.max_length or gpt.block_size + 1, gpt.block_size + 1)
+
+        # data: a bad file fails before any training; bad records are counted
+        self.data = load_instruction_data(
+            cfg.data, self.enc, self.max_len, cfg.split_seed, cfg.val_fraction, cfg.test_fraction
+        )
+        counts = self.data.counts()
+        if counts["train"] == 0:
+            raise FinetuneError(
+                f"no usable training record in {cfg.data} (dropped: "
+                f"{dict(self.data.dropped)}); check the files and max_length"
+            )
+        self.train_loader = InstructionLoader(
+            self.data.examples["train"],
+            cfg.micro_batch_size,
+            cfg.seed,
+            shuffle=True,
+            mask_prompt=cfg.mask_prompt,
+        )
+        self.val_loader = (
+            InstructionLoader(
+                self.data.examples["val"], cfg.micro_batch_size, shuffle=False, mask_prompt=True
+            )
+            if counts["val"]
+            else None
+        )
+        self.max_steps = cfg.max_steps or math.ceil(
+            cfg.epochs * self.train_loader.batches_per_epoch / cfg.grad_accum_steps
+        )
+        if cfg.warmup_steps > self.max_steps:
+            raise FinetuneConfigError(
+                f"finetune.warmup_steps {cfg.warmup_steps} exceeds the run's {self.max_steps} "
+                "steps; lower it"
+            )
+
+        if cfg.method == "lora":
+            lora = cfg.lora
+            apply_lora(self.raw, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+        self.raw.to(self.device).train()
+        self.optimizer = self.raw.configure_optimizer(
+            cfg.weight_decay, cfg.lr, tuple(cfg.betas), self.device.type
+        )
+        self.scheduler = WarmupCosine(
+            self.optimizer, cfg.lr, cfg.min_lr, cfg.warmup_steps, self.max_steps
+        )
+        torch.manual_seed(cfg.seed)  # dropout
+        self.metrics = MetricsLog(self.out / "log.jsonl", True)
+        self.step = 0
+        self._rng: dict | None = None
+        if saved is not None:
+            self.load_state_dict(saved, latest)
+        self.metrics.truncate_after(self.step if saved is not None else -1)
+
+    # ------------------------------------------------------------ state
+
+    def trainable(self) -> int:
+        return sum(p.numel() for p in self.raw.parameters() if p.requires_grad)
+
+    def state_dict(self) -> dict:
+        lora = self.cfg.method == "lora"
+        return {
+            "format": FINETUNE_FORMAT,
+            "version": 1,
+            "step": self.step,
+            "method": self.cfg.method,
+            "model": lora_state_dict(self.raw) if lora else self.raw.state_dict(),
+            "lora": self.cfg.lora.model_dump(mode="json") if lora else None,
+            "base": self.base,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "loader": self.train_loader.state_dict(),
+            "rng": rng_state(),
+            "model_config": self.model_dict,
+            "data_fingerprint": self.data.fingerprint,
+            "max_steps": self.max_steps,
+            "train_config": self.cfg.model_dump(mode="json"),
+        }
+
+    def load_state_dict(self, state: dict, path: Path) -> None:
+        problems = []
+        if state.get("method") != self.cfg.method:
+            problems.append(f"method {state.get('method')!r}, config {self.cfg.method!r}")
+        if state.get("method") == "lora" and state.get("lora") != self.cfg.lora.model_dump(
+            mode="json"
+        ):
+            problems.append(f"lora {state.get('lora')}, config {self.cfg.lora.model_dump()}")
+        if state.get("data_fingerprint") != self.data.fingerprint:
+            problems.append(
+                "other instruction data or split (finetune.data, split_seed, "
+                "val_fraction, test_fraction or max_length changed)"
+            )
+        if problems:
+            raise CheckpointError(
+                f"checkpoint {path} was made by another fine-tuning run: "
+                f"{'; '.join(problems)}; use its config or --overwrite"
+            )
+        if state["method"] == "lora":
+            missing = set(lora_state_dict(self.raw)) - set(state["model"])
+            if missing:
+                raise CheckpointError(f"{path} lacks adapters {sorted(missing)[:3]}")
+            self.raw.load_state_dict(state["model"], strict=False)
+        else:
+            self.raw.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.train_loader.load_state_dict(state["loader"])
+        self.step = int(state["step"])
+        self._rng = state["rng"]
+        if int(state.get("max_steps", self.max_steps)) != self.max_steps:
+            log.warning(
+                "resuming towards %d steps instead of %d", self.max_steps, state["max_steps"]
+            )
+
+    def save(self) -> Path:
+        return self.checkpoints.save(self.step, self.state_dict())
+
+    # ------------------------------------------------------------ the work
+
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accum_steps micro-batches.
+
+        The loss is the mean over every response token of the step (micro-batches weighted by
+        their target count), the same number one big padded batch would give.
+        """
+        batches = [self.train_loader.next_batch() for _ in range(self.cfg.grad_accum_steps)]
+        targets = sum(b.targets for b in batches)
+        loss_sum = torch.zeros((), device=self.device)
+        for b in batches:
+            x, y = b.x.to(self.device), b.y.to(self.device)
+            with self.autocast:
+                _, loss = self.raw(x, y)
+            loss = loss * (b.targets / targets)
+            loss.backward()
+            loss_sum += loss.detach()
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        params = [p for p in self.raw.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        lr = self.scheduler.step()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        positions = sum(b.x.numel() for b in batches)
+        return {
+            "loss": loss_sum,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "targets": targets,
+            "tokens": sum(b.tokens for b in batches),
+            "positions": positions,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean loss per response token over the val split (prompt always masked)."""
+        if self.val_loader is None:
+            return None
+        self.raw.eval()
+        total, count = 0.0, 0
+        for b in self.val_loader.first_batches(self.cfg.eval_batches):
+            with self.autocast:
+                _, loss = self.raw(b.x.to(self.device), b.y.to(self.device))
+            total += float(loss) * b.targets
+            count += b.targets
+        self.raw.train()
+        val = total / count
+        self.metrics.write({"kind": "val", "step": self.step, "val_loss": val, "time": time.time()})
+        log.info("step %d | val loss %.4f", self.step, val)
+        return val
+
+    def test(self, checkpoint: Path | None) -> dict | None:
+        """Answer the test split with the final model into test_responses.json, once."""
+        cfg = self.cfg
+        records = self.data.records["test"][: cfg.test_limit]
+        examples = self.data.examples["test"][: cfg.test_limit]
+        if not cfg.test_generate or not records:
+            return None
+        path = self.out / "test_responses.json"
+        sha = sha256_file(checkpoint) if checkpoint else None
+        decoding = {"temperature": 0.0, "max_new_tokens": cfg.test_max_new_tokens}
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            done = json.loads(path.read_text())
+            if (
+                done["checkpoint_sha256"] == sha
+                and done["decoding"] == decoding
+                and len(done["responses"]) == len(records)
+            ):
+                return done["scores"]
+        # LoRA: answer with merged weights (faster), leaving the trained adapters as they are
+        model = merge_lora(copy.deepcopy(self.raw)) if cfg.method == "lora" else self.raw
+        model.eval()
+        t0 = time.perf_counter()
+
+        def report(done: int, total: int) -> None:
+            if done % 10 == 0 or done == total:
+                log.info(
+                    "test split: %d/%d answered (%.0fs)", done, total, time.perf_counter() - t0
+                )
+
+        rows, scores = answer_records(
+            model,
+            self.enc,
+            records,
+            examples,
+            cfg.test_max_new_tokens,
+            self.device,
+            self.autocast,
+            report,
+        )
+        self.raw.train()
+        scores["seconds"] = round(time.perf_counter() - t0, 2)
+        atomic_write_json(
+            path,
+            {
+                "checkpoint": str(checkpoint),
+                "checkpoint_sha256": sha,
+                "decoding": decoding,
+                "scores": scores,
+                "responses": rows,
+            },
+        )
+        log.info(
+            "test split: ROUGE-L F1 %.2f, token F1 %.2f over %d records -> %s",
+            scores["rouge_l_f1"],
+            scores["token_f1"],
+            scores["records"],
+            path,
+        )
+        return scores
+
+    def fit(self, progress: ProgressFn | None = None) -> dict:
+        """Train to max_steps; evaluate and checkpoint on schedule; then answer the test split."""
+        cfg = self.cfg
+        t_start, start = time.time(), self.step
+        if self._rng is not None:
+            set_rng_state(self._rng)
+        counts = self.data.counts()
+        self.metrics.write(
+            {
+                "kind": "resume" if start else "start",
+                "step": start,
+                "time": time.time(),
+                "method": cfg.method,
+                "params": self.raw.num_params(),
+                "trainable": self.trainable(),
+                "records": counts,
+                "dropped": dict(self.data.dropped),
+                "max_steps": self.max_steps,
+                "base": self.base["path"],
+                "device": str(self.device),
+            }
+        )
+        log.info(
+            "%s %s fine-tuning: %d train / %d val / %d test records (dropped %s), "
+            "%.2fM trainable of %.2fM parameters, %d steps of %d x %d records",
+            "resuming" if start else "starting",
+            cfg.method,
+            counts["train"],
+            counts["val"],
+            counts["test"],
+            dict(self.data.dropped) or "none",
+            self.trainable() / 1e6,
+            self.raw.num_params() / 1e6,
+            self.max_steps,
+            cfg.micro_batch_size,
+            cfg.grad_accum_steps,
+        )
+        val_loss = self.evaluate() if start == 0 and cfg.eval_every else None
+        evaluated = val_loss is not None
+        first_val = val_loss
+        train_loss: float | None = None
+        last_ckpt = self.resumed_from
+        timed = Counter()  # tokens, positions, seconds of the timed steps
+        t_log, since = time.perf_counter(), Counter()
+        self.raw.train()
+        if progress:
+            progress(start, self.max_steps)
+        while self.step < self.max_steps:
+            t0 = time.perf_counter()
+            stats = self.train_step()
+            done = self.step
+            since.update(tokens=stats["tokens"], positions=stats["positions"])
+            if done % cfg.log_every == 0 or done == self.max_steps:
+                train_loss = float(stats["loss"])
+                now = time.perf_counter()
+                if done > start + 1:  # the first step pays for warm-up
+                    timed.update(tokens=since["tokens"], positions=since["positions"])
+                    timed["seconds"] += now - t_log
+                tok_s = since["tokens"] / (now - t_log)
+                padding = 1 - stats["tokens"] / stats["positions"]
+                self.metrics.write(
+                    {
+                        "kind": "train",
+                        "step": done,
+                        "loss": train_loss,
+                        "lr": stats["lr"],
+                        "grad_norm": float(stats["grad_norm"]),
+                        "targets": stats["targets"],
+                        "tokens_per_s": tok_s,
+                        "positions_per_s": since["positions"] / (now - t_log),
+                        "padding": padding,
+                        "epoch": self.train_loader.epoch,
+                        "ms_per_step": (now - t0) * 1000,
+                        "time": time.time(),
+                    }
+                )
+                log.info(
+                    "step %d/%d | loss %.4f | lr %.2e | norm %.2f | %.0f tok/s | pad %.0f%%",
+                    done,
+                    self.max_steps,
+                    train_loss,
+                    stats["lr"],
+                    float(stats["grad_norm"]),
+                    tok_s,
+                    100 * padding,
+                )
+                t_log, since = time.perf_counter(), Counter()
+            t_pause = time.perf_counter()
+            final = done == self.max_steps
+            if final or (cfg.eval_every and done % cfg.eval_every == 0):
+                val_loss, evaluated = self.evaluate(), True
+            if final or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+                last_ckpt = self.save()
+            if progress:
+                progress(done, self.max_steps)
+            t_log += time.perf_counter() - t_pause
+        self.metrics.close()
+
+        records = read_log(self.metrics.path)
+        if train_loss is None:  # a finished run, resumed: report from its log
+            train_loss = next((r["loss"] for r in reversed(records) if r["kind"] == "train"), None)
+        vals = [r for r in records if r["kind"] == "val"]
+        if not evaluated and vals:
+            val_loss = vals[-1]["val_loss"]
+        if first_val is None and vals and vals[0]["step"] == 0:
+            first_val = vals[0]["val_loss"]
+        scores = self.test(last_ckpt)
+        trains = [r for r in records if r["kind"] == "train"]
+        summary = {
+            "steps": self.step,
+            "resumed_from": start or None,
+            "method": cfg.method,
+            "train_loss": train_loss,
+            "val_loss_before": first_val,
+            "val_loss": val_loss,
+            "test": scores,
+            "records": counts,
+            "records_in": self.data.records_in,
+            "dropped": dict(self.data.dropped),
+            "tokens_per_s": timed["tokens"] / timed["seconds"] if timed["seconds"] else None,
+            "positions_per_s": timed["positions"] / timed["seconds"] if timed["seconds"] else None,
+            "padding": (sum(r["padding"] for r in trains) / len(trains)) if trains else None,
+            "params": self.raw.num_params(),
+            "trainable": self.trainable(),
+            "base": self.base,
+            "checkpoint": str(last_ckpt) if last_ckpt else None,
+            "test_responses": str(self.out / "test_responses.json") if scores else None,
+            "log": str(self.metrics.path),
+            "plot": None,
+            "seconds": round(time.time() - t_start, 2),
+        }
+        plot = plot_losses(self.metrics.path, self.out / "loss.png")
+        summary["plot"] = str(plot) if plot else None
+        from pipeline.config import config_hash
+
+        atomic_write_json(
+            self.out / "manifest.json",
+            {
+                "stage": "finetune",
+                "config_hash": config_hash(cfg, self.base["sha256"], self.data.fingerprint),
+                "config": cfg.model_dump(mode="json"),
+                "model_config": self.model_dict,
+                "data": self.data.files,
+                "data_fingerprint": self.data.fingerprint,
+                **summary,
+            },
+        )
+        return summary
+
+
+def run_finetune(
+    cfg: FinetuneConfig,
+    workdir: Path,
+    resume: bool = True,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+) -> dict:
+    """Fine-tune as cfg says into <workdir>/finetune; returns the summary.
+
+    resume=True continues from the newest checkpoint (a finished run only re-reports);
+    resume=False starts a new run and refuses to replace an existing one unless overwrite.
+    """
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        trainer = FinetuneTrainer(cfg, Path(workdir), resume=resume, overwrite=overwrite)
+        return trainer.fit(progress)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def apply_overrides(
+    cfg: FinetuneConfig, data: list[str] | None = None, base: str | None = None
+) -> FinetuneConfig:
+    """The config with --data / --base from the command line applied (validated again)."""
+    update: dict[str, Any] = {}
+    if data:
+        update["data"] = data
+    if base:
+        update["base"] = base
+    if not update:
+        return cfg
+    return validate_finetune({**cfg.model_dump(exclude_unset=True), **update}, "command line")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m model.finetune", description="Instruction-fine-tune a GPT checkpoint."
+    )
+    parser.add_argument("--config", required=True, help="YAML run config with a finetune: section")
+    parser.add_argument("--workdir", help="override the config's workdir")
+    parser.add_argument("--data", action="append", help="instruction file; repeatable")
+    parser.add_argument("--base", help="checkpoint or work folder to start from")
+    parser.add_argument("--resume", action="store_true", help="continue the existing run")
+    parser.add_argument("--overwrite", action="store_true", help="replace the existing run")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
+    try:
+        workdir, cfg = load_finetune_config(args.config)
+        cfg = apply_overrides(cfg, args.data, args.base)
+        summary = run_finetune(
+            cfg,
+            Path(args.workdir) if args.workdir else workdir,
+            resume=args.resume,
+            overwrite=args.overwrite,
+        )
+    except (FinetuneConfigError, FinetuneError, CheckpointError, FileNotFoundError) as e:
+        log.error("%s", e)
+        return 2
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""What every command that uses a trained model shares: finding, reading and building it.
+
+A CHECKPOINT argument is a checkpoint file, a `checkpoints/` folder, a stage folder
+(`<workdir>/finetune`) or a work folder; a folder means its newest complete checkpoint, and a
+work folder the one of its latest stage: fine-tuned if there is one, else pretrained.
+
+Two checkpoint formats exist: pretraining's (model/train.py; also what `forge import-gpt2`
+writes) and fine-tuning's (model/finetune.py). A full fine-tune stores the whole model; a LoRA
+fine-tune only its adapters plus the path and sha256 of the checkpoint it started from, so
+load_model() rebuilds base + adapters and merges them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.checkpoint import FORMAT as PRETRAIN_FORMAT
+from model.checkpoint import CheckpointError, CheckpointManager
+from model.gpt import GPT, GPTConfig
+
+FINETUNE_FORMAT = "forge-finetune-checkpoint"
+FORMATS = (PRETRAIN_FORMAT, FINETUNE_FORMAT)
+
+# The Alpaca prompt, as in Raschka's ch. 7 (the input section only when there is an input).
+PREAMBLE = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request."
+)
+
+
+def format_prompt(instruction: str, input: str = "") -> str:
+    """The Alpaca prompt up to and including '### Response:\\n'; the answer follows it."""
+    text = f"{PREAMBLE}\n\n### Instruction:\n{instruction}"
+    if input:
+        text += f"\n\n### Input:\n{input}"
+    return text + "\n\n### Response:\n"
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint file a CHECKPOINT argument means (see the module docstring)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise CheckpointError(f"{p} does not exist; give a checkpoint file or a work folder")
+    for folder in (
+        p,
+        p / "checkpoints",
+        p / "finetune" / "checkpoints",
+        p / "pretrain" / "checkpoints",
+    ):
+        latest = CheckpointManager(folder).latest()
+        if latest is not None:
+            return latest
+    raise CheckpointError(
+        f"no complete checkpoint in {p} (looked in it, checkpoints/, finetune/checkpoints/ and "
+        "pretrain/checkpoints/); train one first or give a checkpoint file"
+    )
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def read_checkpoint(path: str | Path, expect_sha256: str | None = None) -> dict[str, Any]:
+    """torch.load(weights_only=True) of a forge checkpoint, checked against its sidecar's sha256
+    (and against expect_sha256, when the caller knows which bytes it wants)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    side = CheckpointManager.sidecar_for(path)
+    wanted = [expect_sha256] if expect_sha256 else []
+    if side.is_file():
+        try:
+            wanted.append(json.loads(side.read_text())["sha256"])
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointError(f"sidecar {side} is unreadable; delete it and {path}") from None
+    if wanted and any(sha != sha256_file(path) for sha in wanted):
+        raise CheckpointError(
+            f"checkpoint {path} does not have the expected sha256: it is corrupt or was "
+            "replaced; delete it to resume from an older one"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {e}") from e
+    if not isinstance(state, dict) or state.get("format") not in FORMATS:
+        raise CheckpointError(f"{path} is not a forge checkpoint")
+    return state
+
+
+def build_model(model_config: dict, **overrides: Any) -> GPT:
+    """An uninitialized-weights GPT of a checkpoint's config (fields it lacks keep defaults)."""
+    fields = set(GPTConfig.__dataclass_fields__)
+    return GPT(GPTConfig(**{k: v for k, v in {**model_config, **overrides}.items() if k in fields}))
+
+
+def load_model(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    merge: bool = True,
+    dropout: float | None = None,
+) -> tuple[GPT, dict[str, Any]]:
+    """The model of any forge checkpoint (a CHECKPOINT argument), in eval mode, and its state.
+
+    A LoRA checkpoint is rebuilt from its base checkpoint and merged (merge=False keeps the
+    LoRALinear layers). dropout replaces the saved model's. The returned state holds
+    everything but the weights and the optimizer, plus `path`: the file read.
+    """
+    path = resolve_checkpoint(path)
+    state = read_checkpoint(path)
+    weights = state.pop("model")
+    overrides = {} if dropout is None else {"dropout": dropout}
+    if state.get("method") == "lora":
+        from model.lora import apply_lora, merge_lora
+
+        model = load_base(state["base"], **overrides)
+        lora = state["lora"]
+        apply_lora(model, lora["r"], lora["alpha"], 0.0, lora["target_modules"])
+        model.load_state_dict(weights, strict=False)
+        if merge:
+            merge_lora(model)
+    else:
+        model = build_model(state["model_config"], **overrides)
+        model.load_state_dict(weights)
+    state.pop("optimizer", None)
+    state["path"] = str(path)
+    return model.to(device).eval(), state
+
+
+def load_base(base: dict, **overrides: Any) -> GPT:
+    """The (merged) model a LoRA checkpoint was trained on, refused if its bytes changed."""
+    path = Path(base["path"])
+    if not path.is_file():
+        raise CheckpointError(
+            f"the base checkpoint {path} of this LoRA fine-tune is gone; LoRA checkpoints store "
+            "only adapters, so restore that file (or export a merged model while it exists)"
+        )
+    if sha256_file(path) != base["sha256"]:
+        raise CheckpointError(
+            f"the base checkpoint {path} of this LoRA fine-tune has changed since training "
+            "(sha256 differs); restore the original file"
+        )
+    model, _ = load_model(path, dropout=overrides.get("dropout"))
+    return model
+
+
+def vocab_dir_for(state: dict[str, Any], explicit: str | None = None) -> str | None:
+    """Where the GPT-2 vocabulary is: explicit, $FORGE_VOCAB_DIR, or the run's own config."""
+    if explicit:
+        return explicit
+    if os.environ.get("FORGE_VOCAB_DIR"):
+        return os.environ["FORGE_VOCAB_DIR"]
+    recorded = (state.get("train_config") or {}).get("vocab_dir")
+    return recorded if recorded and Path(recorded).is_dir() else None
