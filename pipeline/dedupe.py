@@ -395,7 +395,8 @@ def run_dedupe(cfg: ForgeConfig, progress: ProgressFn | None = None,
         "dest": str(sig_stage.folder / f"{part['unit']}.npz"),
         "config": dcfg.model_dump(mode="json"),
     }) for part in parts]
-    records = sig_stage.run_units(units, signature_unit, cfg.workers, stepped(0))
+    records = sig_stage.run_units(units, signature_unit, cfg.workers, stepped(0),
+                                  executor=cfg.executor)
     if not sig_stage.finished_manifest():
         sig_stage.write_manifest(records, input_fingerprint=upstream["output_fingerprint"],
                                  wall_seconds=round(time.perf_counter() - started, 3))

@@ -24,6 +24,8 @@ KILL_POINTS = [
     ("download", 8),
     ("extract", 1),
     ("extract", 12),
+    ("filter", 4),
+    ("dedupe/signatures", 2),
     ("tokenize", 3),
     ("tokenize/shards", 1),
 ]
