@@ -179,7 +179,7 @@ def test_prompt_answers_once(taught: Path) -> None:
 
 def test_interactive_chat_in_a_terminal(taught: Path) -> None:
     """Drive `forge chat` through a real pseudo-terminal: banner, a reply, commands, /exit."""
-    pexpect = pytest.importorskip("pexpect")
+    import pexpect
     child = pexpect.spawn(
         sys.executable,
         ["-m", "cli.main", "chat", str(taught), "--temperature", "0", "--max-new-tokens", "16"],
