@@ -11,7 +11,6 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -103,32 +102,9 @@ def load_run_config(args: argparse.Namespace):
     return load(args.config, overrides)
 
 
-def stage_function(name: str) -> Callable:
-    """The library function of a stage, imported only when needed (fast start-up)."""
-    if name == "download":
-        from pipeline.download import run_download as fn
-    elif name == "extract":
-        from pipeline.extract import run_extract as fn
-    elif name == "filter":
-        from pipeline.quality import run_filter as fn
-    elif name == "dedupe":
-        from pipeline.dedupe import run_dedupe as fn
-    elif name == "decontaminate":
-        from pipeline.decontaminate import run_decontaminate as fn
-    else:
-        from pipeline.tokenize import run_tokenize as fn
-    return fn
-
-
-def prepare_stages(cfg) -> list[str]:
-    """download, the enabled document stages, tokenize: what `forge prepare` runs."""
-    from pipeline.documents import enabled_stages
-
-    return ["download", *enabled_stages(cfg), "tokenize"]
-
-
 def run_stages(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError
+    from pipeline.stages import prepare_stages, stage_function
 
     cfg = load_run_config(args)
     stages = args.stages or prepare_stages(cfg)

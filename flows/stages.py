@@ -14,10 +14,8 @@ there is anything to do).
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,28 +26,11 @@ from prefect.context import TaskRunContext
 from flows.artifacts import progress_artifact, publish_dataset, publish_stage_table
 from flows.common import resolve_config, start_flow_process
 from pipeline.config import ForgeConfig
-from pipeline.documents import enabled_stages, input_stage
+from pipeline.documents import input_stage
 from pipeline.stage import StageError
+from pipeline.stages import prepare_stages, stage_function
 
-STAGE_FUNCTIONS = {
-    "download": "pipeline.download:run_download",
-    "extract": "pipeline.extract:run_extract",
-    "filter": "pipeline.quality:run_filter",
-    "dedupe": "pipeline.dedupe:run_dedupe",
-    "decontaminate": "pipeline.decontaminate:run_decontaminate",
-    "tokenize": "pipeline.tokenize:run_tokenize",
-}
 CACHE_FOLDER = ".prefect-cache"
-
-
-def stage_function(name: str) -> Callable[..., dict]:
-    module, function = STAGE_FUNCTIONS[name].split(":")
-    return getattr(importlib.import_module(module), function)
-
-
-def prepare_stages(cfg: ForgeConfig) -> list[str]:
-    """download, the enabled document stages, tokenize: the order `forge prepare` runs."""
-    return ["download", *enabled_stages(cfg), "tokenize"]
 
 
 def summarize(manifest: dict) -> dict:

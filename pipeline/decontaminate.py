@@ -164,16 +164,26 @@ def run_decontaminate(cfg: ForgeConfig, progress: ProgressFn | None = None,
         raise StageError("decontaminate is enabled but data.decontaminate.eval_sets is empty; "
                          "list the evaluation sets or set enabled: false")
     input_stage(cfg, "decontaminate")  # fails early, with a clear message, if not ready
-    table, labels = build_index(section)
+    digest = hashlib.sha256()  # the evaluation files decide the index: hash them, not it
+    for spec in section.eval_sets:
+        path = Path(spec.path)
+        if not path.is_file():
+            raise StageError(f"decontaminate.eval_sets '{spec.name}': {path} does not exist")
+        digest.update(spec.name.encode() + hashlib.sha256(path.read_bytes()).digest())
     index_dir = Path(cfg.workdir) / "decontaminate" / "index"
-    digest = hashlib.sha256(table.tobytes() + labels.tobytes()).hexdigest()
-    counts = np.bincount(labels, minlength=len(section.eval_sets))
+    eval_ngrams: dict[str, dict] = {}
+
+    def build() -> None:  # only when the stage has work to do
+        table, labels = build_index(section)
+        _save_index(index_dir, {"table": table, "labels": labels})
+        counts = np.bincount(labels, minlength=len(section.eval_sets))
+        eval_ngrams["eval_ngrams"] = {s.name: int(c) for s, c in
+                                      zip(section.eval_sets, counts, strict=True)}
+
     return run_map_stage(
         cfg, "decontaminate", section, decontaminate_unit, progress, overwrite,
-        payload={"index_dir": str(index_dir)}, extra_hash=digest,
-        before_units=lambda: _save_index(index_dir, {"table": table, "labels": labels}),
-        manifest_extra={"eval_ngrams": {s.name: int(c) for s, c in
-                                        zip(section.eval_sets, counts, strict=True)}},
+        payload={"index_dir": str(index_dir)}, extra_hash=digest.hexdigest(),
+        before_units=build, manifest_extra=eval_ngrams,
     )
 
 
