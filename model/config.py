@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from model.finetune_config import FinetuneConfig
 from model.gpt_config import PRESETS, GPTConfig
 from pipeline.config import ConfigError, ForgeConfig, explain, load_config
 
@@ -176,11 +177,14 @@ class RunConfig(ForgeConfig):
     """A whole run: the data stages plus training; the `forge` commands and flows read this."""
 
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
     @model_validator(mode="after")
-    def _vocabulary_for_samples(self) -> RunConfig:
-        if self.pretrain.vocab_dir is None and self.data.tokenize.vocab_dir:
-            self.pretrain.vocab_dir = self.data.tokenize.vocab_dir  # samples encode offline
+    def _offline_vocabulary(self) -> RunConfig:
+        """Training encodes text (samples, instructions) with the data stages' vocabulary."""
+        for section in (self.pretrain, self.finetune):
+            if section.vocab_dir is None and self.data.tokenize.vocab_dir:
+                section.vocab_dir = self.data.tokenize.vocab_dir
         return self
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULT_DATA = "../shared/data/instruct/rasbt-instruction-data.json"
@@ -170,34 +169,19 @@ class FinetuneConfig(BaseModel):
 
 
 def load_finetune_config(path: str | Path) -> tuple[Path, FinetuneConfig]:
-    """Read `workdir` and the `finetune:` section of a YAML run config."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise FinetuneConfigError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as e:
-        raise FinetuneConfigError(f"config file {path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise FinetuneConfigError(f"config file {path} must hold a mapping at the top level")
-    section = dict(raw.get("finetune") or {})
-    vocab_dir = ((raw.get("data") or {}).get("tokenize") or {}).get("vocab_dir")
-    if vocab_dir and "vocab_dir" not in section:
-        section["vocab_dir"] = vocab_dir
-    return Path(raw.get("workdir", "runs/default")), validate_finetune(section, origin=str(path))
+    """`workdir` and the `finetune:` section of a YAML run config."""
+    from model.config import load_run_config
+
+    cfg = load_run_config(path)
+    return Path(cfg.workdir), cfg.finetune
 
 
 def validate_finetune(section: dict, origin: str = "config") -> FinetuneConfig:
     """FinetuneConfig from a dict, with errors as one line per field (`finetune.<field>`)."""
+    from model.config import RunConfig
+    from pipeline.config import explain
+
     try:
-        return FinetuneConfig.model_validate(section)
+        return RunConfig.model_validate({"finetune": section}).finetune
     except ValidationError as e:
-        lines = []
-        for item in e.errors():
-            field = ".".join(["finetune", *(str(p) for p in item["loc"])])
-            if item["type"] == "extra_forbidden":
-                lines.append(f"{origin}: unknown field '{field}'; check its spelling")
-            else:
-                msg = item["msg"].removeprefix("Value error, ")
-                lines.append(f"{origin}: {field}: {msg}")
-        raise FinetuneConfigError("\n".join(lines)) from None
+        raise FinetuneConfigError(explain(e, origin)) from None
