@@ -127,7 +127,24 @@ def run_build(args: argparse.Namespace) -> int:
     result = build_assistant(config=cfg, launch=LaunchConfig(nproc_per_node=args.nproc_per_node),
                              overwrite=args.overwrite)
     if not args.quiet:
-        pretrain = result["pretrain"]
+        pretrain, finetune = result["pretrain"], result["finetune"]
         print(f"forge: done; dataset {result['data']['tokenize']['output_fingerprint'][:16]}, "
-              f"val loss {pretrain.get('val_loss')}, checkpoint {pretrain.get('checkpoint')}")
+              f"pretraining val loss {pretrain.get('val_loss')}, fine-tuned checkpoint "
+              f"{finetune.get('checkpoint')}")
+        _print_one_answer(Path(cfg.workdir))
     return 0
+
+
+def _print_one_answer(workdir: Path) -> None:
+    """One held-out instruction and the assistant's answer: what the build produced."""
+    import json
+
+    path = workdir / "finetune" / "test_responses.json"
+    if path.exists() and (rows := json.loads(path.read_text())["responses"]):
+        row = rows[0]
+        print(f"\nInstruction: {row['instruction']} {row.get('input', '')}".rstrip())
+        print(f"Assistant:   {row['model_response']}")
+        print(f"\nEverything is in {workdir}: stage manifests, tokenize/dataset.zarr, "
+              f"pretrain/ and finetune/ (checkpoints, log.jsonl, loss.png); chat with "
+              f"`forge chat {workdir}`")
+

@@ -238,3 +238,23 @@ def _fmt(value) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return "-" if value is None else str(value)
+
+
+def publish_finetune_report(workdir: str, summary: dict) -> None:
+    """Markdown after fine-tuning: metrics and the model's answers to held-out instructions."""
+    out = Path(workdir) / "finetune"
+    path = out / "test_responses.json"
+    answers = json.loads(path.read_text()) if path.exists() else {"scores": {}, "responses": []}
+    lines = [f"# Fine-tuning in `{out}`", "", _image_markdown(out / "loss.png"), "",
+             "| metric | value |", "|---|---|",
+             *(f"| {k} | {_fmt(v)} |" for k, v in summary.items()
+               if not isinstance(v, (dict, list))),
+             *(f"| test {k} | {_fmt(v)} |" for k, v in answers["scores"].items()
+               if not isinstance(v, (dict, list))),
+             "", "## Answers to held-out instructions", ""]
+    for row in answers["responses"][:3]:
+        lines += [f"**Instruction:** {row['instruction']} {row.get('input', '')}", "",
+                  f"**Reference:** {row['output']}", "", f"**Model:** {row['model_response']}", ""]
+    create_markdown_artifact(key=f"{artifact_prefix(workdir)}-finetune",
+                             markdown="\n".join(lines),
+                             description=f"Fine-tuning: val loss {_fmt(summary.get('val_loss'))}")

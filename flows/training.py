@@ -21,7 +21,7 @@ from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.context import TaskRunContext
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows.artifacts import TrainingProgress, publish_training_report
+from flows.artifacts import TrainingProgress, publish_finetune_report, publish_training_report
 from flows.common import data_config, start_flow_process
 from flows.launcher import run_command
 from flows.stages import CACHE_FOLDER, matches_disk, prepare_data, summarize
@@ -130,10 +130,39 @@ def pretrain_flow(config: RunConfig | None = None, config_file: str | None = Non
     return pretrain(resolve_run_config(config, config_file), launch or LaunchConfig())
 
 
+@task(name="finetune", task_run_name="finetune")
+def run_finetune_process(config: RunConfig) -> dict:
+    """Fine-tune in a child process, resuming from its newest checkpoint (a finished run
+    only re-reports); return its summary."""
+    workdir = Path(config.workdir)
+    run_config = workdir / "finetune-config.yaml"  # the config as run, for the trainer to read
+    run_config.parent.mkdir(parents=True, exist_ok=True)
+    run_config.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    run_command([sys.executable, "-m", "model.finetune", "--config", str(run_config),
+                 "--workdir", str(workdir), "--resume"], get_run_logger())
+    return summarize(json.loads((workdir / "finetune" / "manifest.json").read_text()))
+
+
+@flow(name="finetune")
+def finetune_flow(config: RunConfig | None = None, config_file: str | None = None) -> dict:
+    """Instruction-fine-tune the work folder's pretrained model (or `finetune.base`).
+
+    Args:
+        config: The run config, as a form; leave it empty to use `config_file`.
+        config_file: A YAML run config path (relative to where the flow runs), instead of
+            `config`.
+    """
+    start_flow_process()
+    cfg = resolve_run_config(config, config_file)
+    summary = run_finetune_process(cfg)
+    publish_finetune_report(cfg.workdir, summary)
+    return summary
+
+
 @flow(name="build-assistant")
 def build_assistant(config: RunConfig | None = None, config_file: str | None = None,
                     launch: LaunchConfig | None = None, overwrite: bool = False) -> dict:
-    """End to end: every data stage, then pretraining (then fine-tuning, once it exists).
+    """End to end: every data stage, then pretraining, then instruction fine-tuning.
 
     Finished steps are skipped (cached), an interrupted one resumes.
 
@@ -147,7 +176,8 @@ def build_assistant(config: RunConfig | None = None, config_file: str | None = N
     start_flow_process()
     cfg = resolve_run_config(config, config_file)
     data = prepare_data(config=data_config(cfg), overwrite=overwrite)
-    return {"data": data, "pretrain": pretrain_flow(config=cfg, launch=launch)}
+    pretrained = pretrain_flow(config=cfg, launch=launch)
+    return {"data": data, "pretrain": pretrained, "finetune": finetune_flow(config=cfg)}
 
 
-TRAINING_FLOWS = (pretrain_flow, build_assistant)
+TRAINING_FLOWS = (pretrain_flow, finetune_flow, build_assistant)

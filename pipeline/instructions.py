@@ -58,6 +58,10 @@ def _problem(record: object) -> str | None:
     for field in FIELDS:
         if field in record and record[field] is not None and not isinstance(record[field], str):
             return f"non_string_{field}"
+    try:
+        "".join(record.get(field) or "" for field in FIELDS).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate escaped into the JSON
+        return "invalid_unicode"
     if not record["output"].strip():
         return "empty_output"
     if not record["instruction"].strip():

@@ -223,7 +223,7 @@ def mtimes(*folders: Path) -> dict[Path, int]:
 def test_every_flow_takes_the_config_model_as_a_described_form() -> None:
     names = {f.name for f in all_flows()}
     assert names == {"download", "extract", "filter", "dedupe", "decontaminate", "tokenize",
-                     "prepare-data", "pretrain", "build-assistant"}
+                     "prepare-data", "pretrain", "finetune", "build-assistant"}
     for flow in all_flows():
         schema = flow.parameters.model_dump()
         config = schema["properties"]["config"]
@@ -437,6 +437,10 @@ TINY_PRETRAIN = dict(preset="tiny", block_size=64, micro_batch_size=4, total_bat
                      device="cpu")
 
 
+TINY_FINETUNE = dict(max_steps=3, micro_batch_size=4, eval_every=0, checkpoint_every=0,
+                     num_threads=1, test_limit=2, test_max_new_tokens=8, device="cpu")
+
+
 @pytest.mark.slow
 def test_forge_run_builds_on_the_server_then_reruns_cached_on_an_embedded_one(
         prefect_server: dict, prepared: Path, tmp_path: Path) -> None:
@@ -445,6 +449,7 @@ def test_forge_run_builds_on_the_server_then_reruns_cached_on_an_embedded_one(
     config = small_config(tmp_path / "c.yaml", work)
     raw = yaml.safe_load(config.read_text())
     raw["pretrain"] = TINY_PRETRAIN
+    raw["finetune"] = TINY_FINETUNE
     config.write_text(yaml.safe_dump(raw))
     command = [sys.executable, "-m", "cli.main", "run", "--config", str(config),
                "--home", str(prefect_server["home"])]
@@ -465,6 +470,13 @@ def test_forge_run_builds_on_the_server_then_reruns_cached_on_an_embedded_one(
     assert "val loss" in report["data"] and "data:image/png;base64" in report["data"]
     assert "Step 6" in report["data"]  # the final sample
     assert [a["data"] for a in artifacts if a["type"] == "progress"] == [100]
+    tuned = json.loads((work / "finetune" / "manifest.json").read_text())
+    assert tuned["steps"] == 3
+    assert "Instruction:" in result.stdout and "Assistant:" in result.stdout
+    (finetune_run,) = api.post("/flow_runs/filter", json={
+        "flows": {"name": {"any_": ["finetune"]}}, "sort": "START_TIME_DESC", "limit": 1}).json()
+    (answers,) = [a for a in api.artifacts(finetune_run["id"]) if a["type"] == "markdown"]
+    assert "Answers to held-out instructions" in answers["data"] and "**Model:**" in answers["data"]
 
     no_server = client_env(prefect_server)
     del no_server["PREFECT_API_URL"]
