@@ -13,7 +13,6 @@ strings and numbers (RNG states as tensors and lists, configs as dicts).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.stage import fsync_dir, sha256_file
+
 log = logging.getLogger(__name__)
 
 FORMAT = "forge-pretrain-checkpoint"
@@ -35,22 +36,6 @@ _NAME = re.compile(r"^ckpt-(\d{6,})\.json$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message names the file and the reason."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class CheckpointManager:
@@ -82,13 +67,13 @@ class CheckpointManager:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
         sidecar = {
             "format": FORMAT,
             "step": step,
             "file": final.name,
             "bytes": final.stat().st_size,
-            "sha256": _sha256(final),
+            "sha256": sha256_file(final),
             "time": time.time(),
         }
         side = self.sidecar_for(final)
@@ -97,7 +82,7 @@ class CheckpointManager:
         with open(side_tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(side_tmp, side)
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
         log.info(
             "checkpoint %s (%.1f MB, %.1fs)",
             final,
@@ -162,7 +147,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     side = CheckpointManager.sidecar_for(path)
     if side.is_file():
         meta = json.loads(side.read_text())
-        if _sha256(path) != meta.get("sha256"):
+        if sha256_file(path) != meta.get("sha256"):
             raise CheckpointError(
                 f"checkpoint {path} does not match the sha256 in {side}: "
                 "it is corrupt; delete it to resume from an older one"

@@ -25,8 +25,7 @@ import torch
 from model.checkpoint import FORMAT as PRETRAIN_FORMAT
 from model.checkpoint import CheckpointManager
 from model.gpt import GPT, GPTConfig
-from model.inference import sha256_file
-from pipeline.stage import atomic_write_json
+from pipeline.stage import atomic_write_json, sha256_file
 from pipeline.tokenizer import EOT_ID
 
 CONV1D = re.compile(r"\.(c_attn|c_proj|c_fc)\.weight$")

@@ -12,7 +12,6 @@ load_model() rebuilds base + adapters and merges them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from model.checkpoint import FORMAT as PRETRAIN_FORMAT
 from model.checkpoint import CheckpointError, CheckpointManager
 from model.gpt import GPT, GPTConfig
+from pipeline.stage import sha256_file
 
 FINETUNE_FORMAT = "forge-finetune-checkpoint"
 FORMATS = (PRETRAIN_FORMAT, FINETUNE_FORMAT)
@@ -65,11 +65,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
         f"no complete checkpoint in {p} (looked in it, checkpoints/, finetune/checkpoints/ and "
         "pretrain/checkpoints/); train one first or give a checkpoint file"
     )
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_checkpoint(path: str | Path, expect_sha256: str | None = None) -> dict[str, Any]:
