@@ -87,6 +87,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
 def finetune(args: argparse.Namespace) -> int:
     from model.finetune import apply_overrides, run_finetune
     from model.finetune_config import load_finetune_config
+    from model.stopping import stop_exit_code
 
     workdir, cfg = load_finetune_config(args.config)
     cfg = apply_overrides(cfg, args.data, args.base)
@@ -96,6 +97,10 @@ def finetune(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
     )
+    if summary["stopped_by"]:
+        print(f"stopped by {summary['stopped_by']} at step {summary['steps']}; "
+              f"checkpoint: {summary['checkpoint']}; `--resume` continues")
+        return stop_exit_code(summary)
     if not args.quiet:
         test = summary["test"] or {}
         print(

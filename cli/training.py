@@ -47,13 +47,14 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
 
 def pretrain(args: argparse.Namespace) -> int:
     from cli.main import load_run_config
+    from model.stopping import stop_exit_code
     from model.train import run_pretrain
 
     cfg = load_run_config(args)
     summary = run_pretrain(cfg.pretrain, Path(cfg.workdir), resume=args.resume)
     if not args.quiet:
         print(json.dumps(summary, indent=1))
-    return 0
+    return stop_exit_code(summary)
 
 
 def _model_and_encoding(args: argparse.Namespace):

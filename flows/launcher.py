@@ -3,8 +3,9 @@
 Its output is streamed line by line into a logger (the Prefect run logger: the lines land in
 the run's logs). When the flow run stops early (cancelled from the UI, whose runner sends the
 flow process SIGTERM; Ctrl-C; an error in the flow), the child gets SIGTERM, then SIGKILL
-after a grace period: a trainer keeps its last committed checkpoint and the next run resumes
-from it. A nonzero exit fails the run with the last lines of output in the message.
+after a grace period: a trainer checkpoints the step in flight on SIGTERM (model/stopping.py)
+and the next run resumes from it. A nonzero exit fails the run with the last lines of output
+in the message.
 """
 
 from __future__ import annotations

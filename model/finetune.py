@@ -59,6 +59,7 @@ from model.inference import (
     sha256_file,
 )
 from model.lora import apply_lora, lora_state_dict, merge_lora
+from model.stopping import GracefulStop, stop_exit_code
 from model.train import (
     MetricsLog,
     WarmupCosine,
@@ -754,56 +755,68 @@ class FinetuneTrainer:
         self.raw.train()
         if progress:
             progress(start, self.max_steps)
-        while self.step < self.max_steps:
-            t0 = time.perf_counter()
-            stats = self.train_step()
-            done = self.step
-            since.update(tokens=stats["tokens"], positions=stats["positions"])
-            if done % cfg.log_every == 0 or done == self.max_steps:
-                train_loss = float(stats["loss"])
-                now = time.perf_counter()
-                if done > start + 1:  # the first step pays for warm-up
-                    timed.update(tokens=since["tokens"], positions=since["positions"])
-                    timed["seconds"] += now - t_log
-                tok_s = since["tokens"] / (now - t_log)
-                padding = 1 - stats["tokens"] / stats["positions"]
-                self.metrics.write(
-                    {
-                        "kind": "train",
-                        "step": done,
-                        "loss": train_loss,
-                        "lr": stats["lr"],
-                        "grad_norm": float(stats["grad_norm"]),
-                        "targets": stats["targets"],
-                        "tokens_per_s": tok_s,
-                        "positions_per_s": since["positions"] / (now - t_log),
-                        "padding": padding,
-                        "epoch": self.train_loader.epoch,
-                        "ms_per_step": (now - t0) * 1000,
-                        "time": time.time(),
-                    }
-                )
-                log.info(
-                    "step %d/%d | loss %.4f | lr %.2e | norm %.2f | %.0f tok/s | pad %.0f%%",
-                    done,
-                    self.max_steps,
-                    train_loss,
-                    stats["lr"],
-                    float(stats["grad_norm"]),
-                    tok_s,
-                    100 * padding,
-                )
-                t_log, since = time.perf_counter(), Counter()
-            t_pause = time.perf_counter()
-            final = done == self.max_steps
-            if final or (cfg.eval_every and done % cfg.eval_every == 0):
-                val_loss, evaluated = self.evaluate(), True
-            if final or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
-                last_ckpt = self.save()
-            if progress:
-                progress(done, self.max_steps)
-            t_log += time.perf_counter() - t_pause
+        with GracefulStop() as stop:
+            while self.step < self.max_steps:
+                t0 = time.perf_counter()
+                stats = self.train_step()
+                done = self.step
+                since.update(tokens=stats["tokens"], positions=stats["positions"])
+                if done % cfg.log_every == 0 or done == self.max_steps:
+                    train_loss = float(stats["loss"])
+                    now = time.perf_counter()
+                    if done > start + 1:  # the first step pays for warm-up
+                        timed.update(tokens=since["tokens"], positions=since["positions"])
+                        timed["seconds"] += now - t_log
+                    tok_s = since["tokens"] / (now - t_log)
+                    padding = 1 - stats["tokens"] / stats["positions"]
+                    self.metrics.write(
+                        {
+                            "kind": "train",
+                            "step": done,
+                            "loss": train_loss,
+                            "lr": stats["lr"],
+                            "grad_norm": float(stats["grad_norm"]),
+                            "targets": stats["targets"],
+                            "tokens_per_s": tok_s,
+                            "positions_per_s": since["positions"] / (now - t_log),
+                            "padding": padding,
+                            "epoch": self.train_loader.epoch,
+                            "ms_per_step": (now - t0) * 1000,
+                            "time": time.time(),
+                        }
+                    )
+                    log.info(
+                        "step %d/%d | loss %.4f | lr %.2e | norm %.2f | %.0f tok/s | pad %.0f%%",
+                        done,
+                        self.max_steps,
+                        train_loss,
+                        stats["lr"],
+                        float(stats["grad_norm"]),
+                        tok_s,
+                        100 * padding,
+                    )
+                    t_log, since = time.perf_counter(), Counter()
+                t_pause = time.perf_counter()
+                final = done == self.max_steps
+                if not final and stop.requested():
+                    last_ckpt = self.save()  # the step in flight is kept
+                    break
+                if final or (cfg.eval_every and done % cfg.eval_every == 0):
+                    val_loss, evaluated = self.evaluate(), True
+                if final or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+                    last_ckpt = self.save()
+                if progress:
+                    progress(done, self.max_steps)
+                t_log += time.perf_counter() - t_pause
         self.metrics.close()
+        if stop.name:  # unfinished: no test answers and no manifest, so it is not taken for done
+            log.warning(
+                "stopped by %s after step %d; %s holds it and `--resume` continues there",
+                stop.name,
+                self.step,
+                last_ckpt,
+            )
+            return {"steps": self.step, "stopped_by": stop.name, "checkpoint": str(last_ckpt)}
 
         records = read_log(self.metrics.path)
         if train_loss is None:  # a finished run, resumed: report from its log
@@ -837,6 +850,7 @@ class FinetuneTrainer:
             "log": str(self.metrics.path),
             "plot": None,
             "seconds": round(time.time() - t_start, 2),
+            "stopped_by": None,
         }
         plot = plot_losses(self.metrics.path, self.out / "loss.png")
         summary["plot"] = str(plot) if plot else None
@@ -925,7 +939,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return 2
     print(json.dumps(summary, indent=1))
-    return 0
+    return stop_exit_code(summary)
 
 
 if __name__ == "__main__":

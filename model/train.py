@@ -50,6 +50,7 @@ from model.checkpoint import (
 from model.config import PretrainConfig, PretrainConfigError, load_pretrain_config
 from model.data import ShardError, ShardLoader, check_shards
 from model.gpt import GPT, PEAK_BF16_FLOPS
+from model.stopping import GracefulStop, stop_exit_code
 from pipeline.config import config_hash
 from pipeline.shards import TokenDataset, verify
 from pipeline.stage import atomic_write_json
@@ -634,58 +635,63 @@ class Trainer:
         if progress and main:
             progress(start, cfg.max_steps)
 
-        while self.step < cfg.max_steps:
-            t0 = time.perf_counter()
-            loss_sum, grad_norm, lr = self.train_step()
-            done = self.step
-            tokens_since_log += tokens_per_step
-            if done % cfg.log_every == 0 or done == cfg.max_steps:
-                if self.dist.enabled:
-                    dist.all_reduce(loss_sum)  # SUM: gloo has no AVG
-                    loss_sum /= self.dist.world_size
-                train_loss = float(loss_sum)  # synchronizes the device: the timing is real
-                now = time.perf_counter()
-                tok_s = tokens_since_log / (now - t_log)
-                if done > start + 1:  # the first step pays for warm-up and compilation
-                    timed_tokens += tokens_since_log
-                    timed_seconds += now - t_log
-                mfu = self.raw.mfu(tok_s / self.dist.world_size, peak, self.block) if peak else None
-                self.metrics.write(
-                    {
-                        "kind": "train",
-                        "step": done,
-                        "loss": train_loss,
-                        "lr": lr,
-                        "grad_norm": float(grad_norm),
-                        "tokens": done * tokens_per_step,
-                        "tokens_per_s": tok_s,
-                        "mfu": mfu,
-                        "ms_per_step": (now - t0) * 1000,
-                        "time": time.time(),
-                    }
-                )
-                log.info(
-                    "step %d/%d | loss %.4f | lr %.2e | norm %.2f | %.0f tok/s%s",
-                    done,
-                    cfg.max_steps,
-                    train_loss,
-                    lr,
-                    float(grad_norm),
-                    tok_s,
-                    f" | mfu {mfu:.1%}" if mfu is not None else "",
-                )
-                t_log, tokens_since_log = time.perf_counter(), 0
-            t_pause = time.perf_counter()  # evaluation, samples and saving are not training
-            final = done == cfg.max_steps
-            if final or (cfg.eval_every and done % cfg.eval_every == 0):
-                val_loss, evaluated_at = self.evaluate(), done
-            if final or (cfg.sample_every and done % cfg.sample_every == 0):
-                self.sample()
-            if final or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
-                last_ckpt = self.save() or last_ckpt  # the final step always saves
-            if progress and main:
-                progress(done, cfg.max_steps)
-            t_log += time.perf_counter() - t_pause
+        with GracefulStop() as stop:
+            while self.step < cfg.max_steps:
+                t0 = time.perf_counter()
+                loss_sum, grad_norm, lr = self.train_step()
+                done = self.step
+                tokens_since_log += tokens_per_step
+                if done % cfg.log_every == 0 or done == cfg.max_steps:
+                    if self.dist.enabled:
+                        dist.all_reduce(loss_sum)  # SUM: gloo has no AVG
+                        loss_sum /= self.dist.world_size
+                    train_loss = float(loss_sum)  # synchronizes the device: the timing is real
+                    now = time.perf_counter()
+                    tok_s = tokens_since_log / (now - t_log)
+                    if done > start + 1:  # the first step pays for warm-up and compilation
+                        timed_tokens += tokens_since_log
+                        timed_seconds += now - t_log
+                    per_device = tok_s / self.dist.world_size
+                    mfu = self.raw.mfu(per_device, peak, self.block) if peak else None
+                    self.metrics.write(
+                        {
+                            "kind": "train",
+                            "step": done,
+                            "loss": train_loss,
+                            "lr": lr,
+                            "grad_norm": float(grad_norm),
+                            "tokens": done * tokens_per_step,
+                            "tokens_per_s": tok_s,
+                            "mfu": mfu,
+                            "ms_per_step": (now - t0) * 1000,
+                            "time": time.time(),
+                        }
+                    )
+                    log.info(
+                        "step %d/%d | loss %.4f | lr %.2e | norm %.2f | %.0f tok/s%s",
+                        done,
+                        cfg.max_steps,
+                        train_loss,
+                        lr,
+                        float(grad_norm),
+                        tok_s,
+                        f" | mfu {mfu:.1%}" if mfu is not None else "",
+                    )
+                    t_log, tokens_since_log = time.perf_counter(), 0
+                t_pause = time.perf_counter()  # evaluation, samples and saving are not training
+                final = done == cfg.max_steps
+                if not final and stop.requested(self.dist.world_size, self.device):
+                    last_ckpt = self.save() or last_ckpt  # the step in flight is kept
+                    break
+                if final or (cfg.eval_every and done % cfg.eval_every == 0):
+                    val_loss, evaluated_at = self.evaluate(), done
+                if final or (cfg.sample_every and done % cfg.sample_every == 0):
+                    self.sample()
+                if final or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+                    last_ckpt = self.save() or last_ckpt  # the final step always saves
+                if progress and main:
+                    progress(done, cfg.max_steps)
+                t_log += time.perf_counter() - t_pause
         self.metrics.close()
 
         records = read_log(self.metrics.path) if main else []
@@ -706,8 +712,16 @@ class Trainer:
             "log": str(self.metrics.path),
             "plot": None,
             "seconds": round(time.time() - t_start, 2),
+            "stopped_by": stop.name,
         }
-        if main:
+        if stop.name:  # unfinished: no manifest, so the stage is not taken for done
+            log.warning(
+                "stopped by %s after step %d; %s holds it and the next run resumes there",
+                stop.name,
+                self.step,
+                last_ckpt,
+            )
+        elif main:
             plot = plot_losses(self.metrics.path, self.out / "loss.png")
             summary["plot"] = str(plot) if plot else None
             atomic_write_json(
@@ -782,7 +796,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if rank == 0:
         print(json.dumps(summary, indent=1))
-    return 0
+    return stop_exit_code(summary)
 
 
 if __name__ == "__main__":

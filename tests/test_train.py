@@ -340,9 +340,16 @@ def test_corrupt_shard_fails_before_training(dataset: Path, tmp_path: Path) -> N
 # ---------------------------------------------------------------- exact resume after SIGKILL
 
 
-def test_killed_run_resumes_with_identical_losses(dataset: Path, tmp_path: Path) -> None:
-    """A run SIGKILLed after its first checkpoint, then resumed, logs the same losses bit for
-    bit as a run never interrupted (dropout on, so the RNG state must come back too)."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_run_resumes_with_identical_losses(
+    dataset: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """A run killed after its first checkpoint, then resumed, logs the same losses bit for bit
+    as a run never interrupted (dropout on, so the RNG state must come back too).
+
+    SIGKILL loses the steps after the last periodic checkpoint; SIGTERM checkpoints the step
+    in flight and exits with 143, so the resume starts right after the last logged step.
+    """
     cfg = tiny_config(
         dataset, max_steps=40, eval_every=20, checkpoint_every=10, keep_last=2, dropout=0.1
     )
@@ -370,17 +377,25 @@ def test_killed_run_resumes_with_identical_losses(dataset: Path, tmp_path: Path)
             assert victim.poll() is None, victim.stderr.read().decode()
             assert time.monotonic() < deadline, "the run made no progress"
             time.sleep(0.01)
-        victim.send_signal(signal.SIGKILL)
-        victim.wait()
+        victim.send_signal(sig)
+        victim.wait(timeout=60)
     finally:
         victim.kill()
     killed_at = max(train_records(runs["killed"]))
-    assert victim.returncode == -signal.SIGKILL and killed_at < 40
+    assert killed_at < 40
+    if sig == signal.SIGTERM:
+        assert victim.returncode == 143, victim.stderr.read().decode()
+        assert not (runs["killed"] / "pretrain" / "manifest.json").exists()
+    else:
+        assert victim.returncode == -signal.SIGKILL
     resumed = subprocess.run(cmd["killed"], cwd=REPO, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert whole.wait(timeout=120) == 0, whole.stderr.read().decode()
     summary = json.loads(resumed.stdout)
-    assert summary["resumed_from"] in (10, 20, 30) and summary["resumed_from"] <= killed_at
+    if sig == signal.SIGTERM:
+        assert summary["resumed_from"] == killed_at
+    else:
+        assert summary["resumed_from"] in (10, 20, 30) and summary["resumed_from"] <= killed_at
 
     expected, got = train_records(runs["whole"]), train_records(runs["killed"])
     assert sorted(got) == sorted(expected) == list(range(1, 41))
