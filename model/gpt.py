@@ -18,6 +18,7 @@ from model.gpt_config import PRESETS, GPTConfig  # noqa: F401 - PRESETS is part 
 
 # Dense bf16 peak FLOP/s per GPU, for MFU. The SXM parts; PCIe cards are lower.
 PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
+GPT2_VOCAB_SIZE = 50257  # tokens of GPT-2's BPE; a bigger vocab_size is padding
 
 
 class KVCache:
@@ -314,7 +315,9 @@ class GPT(nn.Module):
                     cache.reset()
                     pending = seq[:, -block_size:]
                 logits, _ = self(pending, cache=cache, last_only=True)
-            tok = sample_logits(logits[:, -1, :], temperature, top_k, top_p, generator)
+            # rows past GPT-2's vocabulary only pad the matrices (vocab_size 50304): never sampled
+            logits = logits[:, -1, :GPT2_VOCAB_SIZE]
+            tok = sample_logits(logits, temperature, top_k, top_p, generator)
             if eos_id is not None:
                 tok = torch.where(finished, torch.full_like(tok, eos_id), tok)
                 finished |= tok == eos_id

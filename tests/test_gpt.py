@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.gpt import GPT, PRESETS, GPTConfig, KVCache, sample_logits
+from model.gpt import GPT, GPT2_VOCAB_SIZE, PRESETS, GPTConfig, KVCache, sample_logits
 
 VOCAB = 512  # vocabulary of the "lively" model used by the generation tests
 
@@ -285,3 +285,20 @@ def test_mlp_uses_gpt2_tanh_gelu(tiny: GPT) -> None:
     h = mlp.c_fc(x)
     gelu = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
     torch.testing.assert_close(mlp(x), mlp.c_proj(gelu))
+
+
+def test_padded_vocabulary_rows_are_never_sampled() -> None:
+    """vocab_size 50304 pads GPT-2's 50257 tokens; generation must not emit a padding id even
+    when the padding rows carry the largest logits (no tokenizer could decode it)."""
+    model = make(vocab_size=50304)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()  # the final hidden state is ln_f's bias alone
+        model.transformer.ln_f.bias.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[GPT2_VOCAB_SIZE:] = 1.0  # the padding rows win every argmax
+    logits, _ = model(torch.zeros(1, 1, dtype=torch.long))
+    assert int(logits[0, -1].argmax()) >= GPT2_VOCAB_SIZE
+    out = model.generate(torch.zeros(1, 1, dtype=torch.long), 5, temperature=0.0)
+    assert out[0, 1:].max() < GPT2_VOCAB_SIZE
+    sampled = model.generate(torch.zeros(4, 1, dtype=torch.long), 20, temperature=1.0)
+    assert sampled[:, 1:].max() < GPT2_VOCAB_SIZE
