@@ -31,6 +31,7 @@ from pretrain_vs_nanogpt import build_books_dataset
 from model.config import PretrainConfig, load_pretrain_config
 from model.gpt import GPT
 from model.train import DistInfo, Trainer, resolve_dtype
+from pipeline.tokenizer import VOCAB_SIZE
 
 
 def forge_tokens_per_s(cfg: PretrainConfig, workdir: Path) -> float:
@@ -92,7 +93,7 @@ def main() -> None:
             "num_threads": args.threads,
         }
     )
-    vocab = cfg.vocab_size or 50257
+    vocab = cfg.vocab_size or VOCAB_SIZE
     sides = {
         "forge": lambda: forge_tokens_per_s(cfg, Path(args.workdir) / "throughput"),
         "plain": lambda: plain_tokens_per_s(cfg, vocab, args.steps),

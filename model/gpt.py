@@ -15,10 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.gpt_config import PRESETS, GPTConfig  # noqa: F401 - PRESETS is part of this API
+from pipeline.tokenizer import VOCAB_SIZE
 
 # Dense bf16 peak FLOP/s per GPU, for MFU. The SXM parts; PCIe cards are lower.
 PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
-GPT2_VOCAB_SIZE = 50257  # tokens of GPT-2's BPE; a bigger vocab_size is padding
 
 
 class KVCache:
@@ -316,7 +316,7 @@ class GPT(nn.Module):
                     pending = seq[:, -block_size:]
                 logits, _ = self(pending, cache=cache, last_only=True)
             # rows past GPT-2's vocabulary only pad the matrices (vocab_size 50304): never sampled
-            logits = logits[:, -1, :GPT2_VOCAB_SIZE]
+            logits = logits[:, -1, :VOCAB_SIZE]
             tok = sample_logits(logits, temperature, top_k, top_p, generator)
             if eos_id is not None:
                 tok = torch.where(finished, torch.full_like(tok, eos_id), tok)

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.gpt import GPT, GPT2_VOCAB_SIZE, PRESETS, GPTConfig, KVCache, sample_logits
+from model.gpt import GPT, PRESETS, GPTConfig, KVCache, sample_logits
+from pipeline.tokenizer import VOCAB_SIZE
 
 VOCAB = 512  # vocabulary of the "lively" model used by the generation tests
 
@@ -295,10 +296,10 @@ def test_padded_vocabulary_rows_are_never_sampled() -> None:
         model.transformer.ln_f.weight.zero_()  # the final hidden state is ln_f's bias alone
         model.transformer.ln_f.bias.fill_(1.0)
         model.lm_head.weight.zero_()
-        model.lm_head.weight[GPT2_VOCAB_SIZE:] = 1.0  # the padding rows win every argmax
+        model.lm_head.weight[VOCAB_SIZE:] = 1.0  # the padding rows win every argmax
     logits, _ = model(torch.zeros(1, 1, dtype=torch.long))
-    assert int(logits[0, -1].argmax()) >= GPT2_VOCAB_SIZE
+    assert int(logits[0, -1].argmax()) >= VOCAB_SIZE
     out = model.generate(torch.zeros(1, 1, dtype=torch.long), 5, temperature=0.0)
-    assert out[0, 1:].max() < GPT2_VOCAB_SIZE
+    assert out[0, 1:].max() < VOCAB_SIZE
     sampled = model.generate(torch.zeros(4, 1, dtype=torch.long), 20, temperature=1.0)
-    assert sampled[:, 1:].max() < GPT2_VOCAB_SIZE
+    assert sampled[:, 1:].max() < VOCAB_SIZE
