@@ -259,7 +259,7 @@ def test_configure_optimizer(tiny: GPT) -> None:
     assert all(p.dim() < 2 for p in no_decay["params"])
     n = sum(p.numel() for g in opt.param_groups for p in g["params"])
     assert n == tiny.num_params()
-    assert not opt.defaults["fused"]
+    assert opt.defaults["fused"]  # one fused kernel on the CPU too
 
 
 def test_flops_and_mfu() -> None:
