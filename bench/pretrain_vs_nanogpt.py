@@ -245,7 +245,7 @@ def main() -> None:
     )
     parser.add_argument("--eval-windows", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--seed", type=int, default=1337, help="init and data order, both sides")
     parser.add_argument("--workdir", default=str(REPO / "runs" / "bench-books"))
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--out", default=str(RESULTS / "pretrain_vs_nanogpt.json"))
@@ -278,6 +278,7 @@ def main() -> None:
                 "sample_every": 0,
                 "checkpoint_every": 0,
                 "num_threads": args.threads,
+                "seed": args.seed,
             }
         )
         sides.append(ForgeSide(name, recipes[name], workdir / name.replace(":", "-")))
