@@ -138,13 +138,10 @@ class NanoGPTSide:
             n_layer=4, n_head=4, n_embd=256, block_size=self.block, vocab_size=50304, bias=False
         )
         self.model = GPT(config)
-        # nanoGPT's configure_optimizers: decay 2-D parameters only, fused AdamW on CUDA only.
-        params = list(self.model.parameters())
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=(0.9, 0.95), fused=False)
+        # nanoGPT fuses AdamW on CUDA only.
+        self.optimizer = self.model.configure_optimizer(
+            0.1, self.lr, (0.9, 0.95), "cpu", fused=False
+        )
         self.train = train
         self.generator = torch.Generator().manual_seed(seed)
         self.step_count = 0

@@ -205,15 +205,20 @@ class GPT(nn.Module):
         lr: float,
         betas: tuple[float, float],
         device_type: str,
+        fused: bool | None = None,
     ) -> torch.optim.AdamW:
-        """AdamW decaying matrices and embeddings only; biases and LayerNorm gains (1-D) are not."""
+        """AdamW decaying matrices and embeddings only; biases and LayerNorm gains (1-D) are not.
+
+        fused defaults to on wherever torch has the kernel (CPU and CUDA): one kernel over all
+        parameters, a quarter of the unfused step time on the CPU.
+        """
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        # Fused: one kernel over all parameters, on the CPU too (a quarter of the foreach time).
-        fused = device_type in ("cpu", "cuda")
+        if fused is None:
+            fused = device_type in ("cpu", "cuda")
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
     def estimate_flops_per_token(self, seq_len: int | None = None) -> float:
