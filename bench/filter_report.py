@@ -19,11 +19,11 @@ from pathlib import Path
 
 from common import RESULTS, machine_info, measure, print_table, write_json
 
-from pipeline.config import FilterConfig, load_config
+from pipeline.config import PRESETS, FilterConfig, load_config
 from pipeline.documents import iter_documents
-from pipeline.quality import PRESETS, SourceFilters
+from pipeline.filter import SourceFilters
 
-# What configs/demo.yaml should say (its source names); the presets are in pipeline.quality.
+# What configs/demo.yaml should say (its source names); the presets are in pipeline.filter.
 RECOMMENDED = {
     "books": {"preset": "books"},
     "speeches": {"preset": "books"},
@@ -105,7 +105,7 @@ def markdown(results: dict, origin: str, seconds: dict) -> str:
            "Each cell: the share of the source's documents that the rule group drops, judged "
            "on its own; `kept`: documents no group drops. Web defaults: the published "
            "thresholds everywhere. Per-source: the settings of " + f"`{origin}` "
-           f"(presets: {', '.join(sorted(PRESETS))}, see pipeline/quality.py).", ""]
+           f"(presets: {', '.join(sorted(PRESETS))}, see pipeline/config.py).", ""]
     for name, result in results.items():
         out += [f"## {name} ({seconds[name]:.0f} s)", "",
                 "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

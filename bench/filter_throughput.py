@@ -2,7 +2,7 @@
 
 Sides, interleaved in one run and repeated (median reported), one process each (so the
 figures are per core):
-  forge      pipeline.quality at the published web defaults: Gopher repetition, Gopher
+  forge      pipeline.filter at the published web defaults: Gopher repetition, Gopher
              quality, C4 (line removal included), FineWeb quality; no LID, no PII (datatrove's
              LID model would need a download)
   datatrove  GopherRepetitionFilter, GopherQualityFilter, C4QualityFilter (FineWeb's setting:
@@ -39,7 +39,7 @@ from common import (
 
 from pipeline.config import C4Rules, FilterRules
 from pipeline.documents import iter_documents
-from pipeline.quality import GopherRepetition, QualityFilter, TextStats
+from pipeline.filter import GopherRepetition, QualityFilter, TextStats
 
 SIDES = ("forge", "datatrove")
 

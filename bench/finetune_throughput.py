@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from model.finetune import InstructionLoader, load_instruction_data
     from model.gpt import GPT, GPTConfig
     from model.lora import apply_lora
-    from pipeline.tokenizer import get_encoding
+    from pipeline.encoding import get_encoding
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

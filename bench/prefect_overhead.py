@@ -97,7 +97,7 @@ def embedded_startup(home: Path) -> float:
 
 def direct(cfg) -> dict:
     """What `forge prepare` does: the stage functions in order."""
-    from flows.stages import prepare_stages, stage_function
+    from pipeline.registry import prepare_stages, stage_function
 
     return {name: stage_function(name)(cfg) for name in prepare_stages(cfg)}
 
@@ -124,9 +124,8 @@ def main(argv: list[str] | None = None) -> int:
 
         apply_environment(prefect_environment(scratch / "client-home", api))
         import_timing, _ = measure(lambda: __import__("flows.stages"))
-        from flows.common import data_config
-        from flows.stages import prepare_stages, stage_function
-        from model.config import load_run_config
+        from configs.run import data_config, load_run_config
+        from pipeline.registry import prepare_stages, stage_function
 
         def load_config(path: Path, overrides: dict) -> object:
             return data_config(load_run_config(path, overrides))

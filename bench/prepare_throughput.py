@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_prepare(cfg) -> tuple[dict[str, dict], dict[str, dict]]:
     """What `forge prepare` does, stage by stage; (timings, manifests) by stage name."""
-    from cli.main import prepare_stages, stage_function
+    from pipeline.registry import prepare_stages, stage_function
 
     timings, manifests = {}, {}
     for name in prepare_stages(cfg):
@@ -54,7 +54,7 @@ def run_prepare(cfg) -> tuple[dict[str, dict], dict[str, dict]]:
 
 def extraction_by_source(workdir: Path) -> dict[str, dict]:
     """Sum the extract unit records per source (a unit id is its downloaded file's name)."""
-    from pipeline.stage import read_json, safe_name
+    from pipeline.files import read_json, safe_name
 
     download = read_json(workdir / "download" / "manifest.json")
     source_of = {

@@ -44,13 +44,14 @@ from common import (
     write_json,
 )
 
-from model.config import PretrainConfig, load_pretrain_config
+from configs.run import load_training_section
+from model.config import PretrainConfig
 from model.gpt import GPT, GPTConfig
 from model.train import DistInfo, Trainer
+from pipeline.encoding import EOT_ID, VOCAB_SIZE, get_encoding
 from pipeline.extract import strip_gutenberg
 from pipeline.shards import TokenDataset, create_layout, write_group_attributes, write_shard
 from pipeline.tokenize import dataset_attributes
-from pipeline.tokenizer import EOT_ID, VOCAB_SIZE, get_encoding
 
 HELD_OUT_BOOKS = 5
 SPLIT_SEED = 1337
@@ -267,7 +268,7 @@ def main() -> None:
     recipes = {}
     for config in args.config or [str(REPO / "configs" / "demo.yaml")]:
         name = "forge:" + Path(config).stem
-        _, run_config = load_pretrain_config(config)
+        _, run_config = load_training_section(config, "pretrain")
         recipes[name] = run_config.model_copy(
             update={
                 "dataset": str(dataset),

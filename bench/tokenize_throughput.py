@@ -100,7 +100,7 @@ def prepare_documents(cfg) -> dict:
     """Download and extract (not timed); return the extracted documents grouped by part."""
     from pipeline.download import run_download
     from pipeline.extract import run_extract
-    from pipeline.stage import read_json
+    from pipeline.files import read_json
 
     started = time.perf_counter()
     run_download(cfg)
@@ -133,7 +133,7 @@ def run_forge(cfg, phases: dict[str, float]) -> dict:
 
 def instrument_run_units(phases: dict[str, float]) -> None:
     """Time each Stage.run_units call (in this process only; the stage's code is unchanged)."""
-    from pipeline.stage import Stage
+    from pipeline.contract import Stage
 
     original = Stage.run_units
 
@@ -148,7 +148,7 @@ def instrument_run_units(phases: dict[str, float]) -> None:
 
 
 def run_tiktoken(texts: list[str], workers: int, vocab_dir: Path) -> list[list[int]]:
-    from pipeline.tokenizer import EOT_ID, get_encoding
+    from pipeline.encoding import EOT_ID, get_encoding
 
     ids = get_encoding(str(vocab_dir)).encode_ordinary_batch(texts, num_threads=workers)
     for doc in ids:

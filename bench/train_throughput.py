@@ -28,10 +28,11 @@ import torch
 from common import REPO, RESULTS, machine_info, median, print_table, rotated, write_json
 from pretrain_vs_nanogpt import build_books_dataset
 
-from model.config import PretrainConfig, load_pretrain_config
+from configs.run import load_training_section
+from model.config import PretrainConfig
 from model.gpt import GPT
 from model.train import DistInfo, Trainer, resolve_dtype
-from pipeline.tokenizer import VOCAB_SIZE
+from pipeline.encoding import VOCAB_SIZE
 
 
 def forge_tokens_per_s(cfg: PretrainConfig, workdir: Path) -> float:
@@ -81,7 +82,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     dataset, _ = build_books_dataset(Path(args.workdir) / "books")
-    _, recipe = load_pretrain_config(args.config)
+    _, recipe = load_training_section(args.config, "pretrain")
     cfg = recipe.model_copy(
         update={
             "dataset": str(dataset),

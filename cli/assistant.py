@@ -85,18 +85,19 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
 
 
 def finetune(args: argparse.Namespace) -> int:
-    from model.finetune import apply_overrides, run_finetune
-    from model.finetune_config import load_finetune_config
+    """Also the trainer process of the flows' finetune (`-m cli.main finetune --resume`)."""
+    from cli.common import load_run_config
+    from configs.run import validate_training_section
+    from model.finetune import run_finetune
     from model.stopping import stop_exit_code
 
-    workdir, cfg = load_finetune_config(args.config)
-    cfg = apply_overrides(cfg, args.data, args.base)
-    summary = run_finetune(
-        cfg,
-        Path(args.workdir) if args.workdir else workdir,
-        resume=args.resume,
-        overwrite=args.overwrite,
-    )
+    run = load_run_config(args)
+    cfg = run.finetune
+    update = {k: v for k, v in (("data", args.data), ("base", args.base)) if v}
+    if update:  # validated again, errors naming the field
+        cfg = validate_training_section(
+            "finetune", {**cfg.model_dump(exclude_unset=True), **update}, "command line")
+    summary = run_finetune(cfg, Path(run.workdir), resume=args.resume, overwrite=args.overwrite)
     if summary["stopped_by"]:
         print(f"stopped by {summary['stopped_by']} at step {summary['steps']}; "
               f"checkpoint: {summary['checkpoint']}; `--resume` continues")
@@ -127,7 +128,7 @@ def chat(args: argparse.Namespace) -> int:
 
     from model.chat import Chat, GenerationSettings, run_chat
     from model.inference import load_model, vocab_dir_for
-    from pipeline.tokenizer import get_encoding
+    from pipeline.encoding import get_encoding
 
     device = args.device
     if device == "auto":

@@ -14,9 +14,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-log = logging.getLogger("forge")
+from cli.common import load_run_config
+from pipeline.files import WorkFolder
+from pipeline.registry import STAGES
 
-DATA_STAGES = ("download", "extract", "filter", "dedupe", "decontaminate", "tokenize")
+log = logging.getLogger("forge")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,9 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     stage_opts.add_argument("--workers", type=int, help="worker processes")
     stage_opts.add_argument("--overwrite", action="store_true",
                             help="discard this stage's output made with another config")
-    for name in DATA_STAGES:
-        sub = commands.add_parser(name, parents=[stage_opts], help=f"run the {name} stage")
-        sub.set_defaults(handler=run_stages, stages=(name,))
+    for spec in STAGES:
+        sub = commands.add_parser(spec.name, parents=[stage_opts], help=spec.description)
+        sub.set_defaults(handler=run_stages, stages=(spec.name,))
     sub = commands.add_parser("prepare", parents=[stage_opts],
                               help="every enabled data stage, in order")
     sub.set_defaults(handler=run_stages, stages=None)
@@ -88,23 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- data stages
 
 
-def load_run_config(args: argparse.Namespace):
-    """The whole run's config (data and training sections) with the command-line overrides."""
-    from model.config import load_run_config as load
-
-    overrides: dict = {}
-    if args.workdir:
-        overrides["workdir"] = args.workdir
-    if getattr(args, "workers", None):
-        overrides["workers"] = args.workers
-    if getattr(args, "source", None):
-        overrides["data.sources"] = [{"uri": s} for s in args.source]
-    return load(args.config, overrides)
-
-
 def run_stages(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError
-    from pipeline.stages import prepare_stages, stage_function
+    from pipeline.registry import prepare_stages, stage_function
 
     cfg = load_run_config(args)
     stages = args.stages or prepare_stages(cfg)
@@ -156,7 +144,7 @@ def print_summary(name: str, manifest: dict, workdir: Path, seconds: float) -> N
                   f"{manifest['bytes_in'] / 1e6:.1f}", f"{manifest['bytes_out'] / 1e6:.1f}")
     console = Console(width=None if sys.stdout.isatty() else 120)
     console.print(table)
-    console.print(f"output: {workdir / name}")
+    console.print(f"output: {WorkFolder(workdir).stage(name)}")
 
 
 # ---------------------------------------------------------------- inspection
@@ -164,9 +152,8 @@ def print_summary(name: str, manifest: dict, workdir: Path, seconds: float) -> N
 
 def dataset_path(path: str) -> Path:
     """Accept the dataset itself or a work folder that holds one."""
-    candidate = Path(path)
-    nested = candidate / "tokenize" / "dataset.zarr"
-    return nested if nested.exists() else candidate
+    nested = WorkFolder(path).dataset
+    return nested if nested.exists() else Path(path)
 
 
 def show_stats(args: argparse.Namespace) -> int:

@@ -106,7 +106,7 @@ def _connect(args: argparse.Namespace, required: bool) -> str | None:
 def serve_flows(args: argparse.Namespace) -> int:
     api = _connect(args, required=True)
     if args.config:
-        from model.config import load_run_config
+        from configs.run import load_run_config
 
         load_run_config(args.config)  # a bad config fails here, not in the UI
     from flows.deployments import serve_all
@@ -118,8 +118,8 @@ def serve_flows(args: argparse.Namespace) -> int:
 
 def run_build(args: argparse.Namespace) -> int:
     api = _connect(args, required=False)
+    from configs.run import load_run_config
     from flows.training import LaunchConfig, build_assistant
-    from model.config import load_run_config
 
     cfg = load_run_config(args.config, {"workdir": args.workdir} if args.workdir else None)
     if not args.quiet:
@@ -139,7 +139,9 @@ def _print_one_answer(workdir: Path) -> None:
     """One held-out instruction and the assistant's answer: what the build produced."""
     import json
 
-    path = workdir / "finetune" / "test_responses.json"
+    from pipeline.files import WorkFolder
+
+    path = WorkFolder(workdir).test_responses
     if path.exists() and (rows := json.loads(path.read_text())["responses"]):
         row = rows[0]
         print(f"\nInstruction: {row['instruction']} {row.get('input', '')}".rstrip())

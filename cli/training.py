@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
-
-EVAL_DIR_HINT = "../shared/data/eval"
 
 
 def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -24,8 +23,9 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     sub.add_argument("checkpoint", help="a checkpoint file or a work folder (its newest)")
     sub.add_argument("--task", choices=("val", "hellaswag", "wikitext2"), default="val")
     sub.add_argument("--limit", type=int, help="hellaswag: items; wikitext2: tokens")
-    sub.add_argument("--eval-dir", default=os.environ.get("FORGE_EVAL_DIR", EVAL_DIR_HINT),
-                     help="folder with hellaswag_val_full.txt.bz2 and wikitext-2-test.txt.gz")
+    sub.add_argument("--eval-dir", default=os.environ.get("FORGE_EVAL_DIR"),
+                     help="hellaswag, wikitext2: folder with hellaswag_val_full.txt.bz2 and "
+                     "wikitext-2-test.txt.gz (default: $FORGE_EVAL_DIR)")
     sub.add_argument("--dataset", help="val: token dataset (default: the run's)")
     sub.add_argument("--batches", type=int, default=20, help="val: batches to average")
     sub.add_argument("--vocab-dir", help="GPT-2 vocabulary folder for offline use")
@@ -46,20 +46,24 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
 
 
 def pretrain(args: argparse.Namespace) -> int:
-    from cli.main import load_run_config
+    """Also the trainer process of the flows, one per rank under torchrun (`-m cli.main`)."""
+    from cli.common import load_run_config
     from model.stopping import stop_exit_code
     from model.train import run_pretrain
 
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if not main_rank:
+        logging.getLogger().setLevel(logging.WARNING)
     cfg = load_run_config(args)
     summary = run_pretrain(cfg.pretrain, Path(cfg.workdir), resume=args.resume)
-    if not args.quiet:
+    if main_rank and not args.quiet:
         print(json.dumps(summary, indent=1))
     return stop_exit_code(summary)
 
 
 def _model_and_encoding(args: argparse.Namespace):
     from model.inference import load_model, vocab_dir_for
-    from pipeline.tokenizer import get_encoding
+    from pipeline.encoding import get_encoding
 
     model, state = load_model(args.checkpoint, device=args.device)
     return model, state, get_encoding(vocab_dir_for(state, args.vocab_dir))
@@ -69,7 +73,10 @@ def evaluate(args: argparse.Namespace) -> int:
     from model import evaluate as ev
 
     model, state, encoding = _model_and_encoding(args)
-    eval_dir = Path(args.eval_dir)
+    if args.task != "val" and not args.eval_dir:
+        raise ValueError(f"--task {args.task} needs --eval-dir (or $FORGE_EVAL_DIR): the folder "
+                         "holding the evaluation files")
+    eval_dir = Path(args.eval_dir or ".")
     if args.task == "hellaswag":
         result = ev.hellaswag(model, encoding, _need(eval_dir / "hellaswag_val_full.txt.bz2"),
                               args.limit, args.device)
@@ -94,11 +101,12 @@ def _val_loss(args: argparse.Namespace, model, state: dict) -> dict:
     import torch
 
     from model.data import ShardLoader
+    from pipeline.files import WorkFolder
     from pipeline.shards import TokenDataset
 
     dataset = args.dataset or (state.get("train_config") or {}).get("dataset")
-    if dataset is None:  # the run's own: <workdir>/pretrain/checkpoints/ckpt -> <workdir>
-        dataset = Path(state["path"]).resolve().parents[2] / "tokenize" / "dataset.zarr"
+    if dataset is None:  # the run's own
+        dataset = WorkFolder.of_checkpoint(state["path"]).dataset
     loader = ShardLoader(TokenDataset(dataset), "val", batch_size=8,
                          block_size=model.config.block_size)
     losses = []

@@ -22,6 +22,7 @@ from prefect.artifacts import (
 )
 
 from flows.common import artifact_prefix
+from pipeline.files import FINETUNE, PRETRAIN, WorkFolder, read_json
 
 PROGRESS_EVERY_S = 2.0  # each update is an API call: a few per second at most
 
@@ -55,8 +56,8 @@ def publish_stage_table(name: str, summary: dict, workdir: str, cached: bool) ->
     create_table_artifact(
         key=f"{artifact_prefix(workdir)}-{name}",
         table=stage_rows(summary),
-        description=f"**{name}** ({how}) in `{Path(workdir) / name}`; output fingerprint "
-        f"`{summary.get('output_fingerprint', '-')}`",
+        description=f"**{name}** ({how}) in `{WorkFolder(workdir).stage(name)}`; output "
+        f"fingerprint `{summary.get('output_fingerprint', '-')}`",
     )
 
 
@@ -112,7 +113,7 @@ def publish_dataset(workdir: str) -> dict:
     """The shard table and the markdown summary of `<workdir>/tokenize/dataset.zarr`."""
     from pipeline.stats import dataset_stats
 
-    stats = dataset_stats(Path(workdir) / "tokenize" / "dataset.zarr")
+    stats = dataset_stats(WorkFolder(workdir).dataset)
     prefix = artifact_prefix(workdir)
     create_table_artifact(key=f"{prefix}-shards", table=shard_rows(stats),
                           description=f"Shards of `{stats['dataset']}` (document lengths in "
@@ -211,14 +212,16 @@ def _image_markdown(png: Path, limit_bytes: int = 300_000) -> str:
 
 def publish_training_report(workdir: str, summary: dict) -> None:
     """Markdown at the end of pretraining: loss curve, final metrics, the last samples."""
-    out = Path(workdir) / "pretrain"
+    work = WorkFolder(workdir)
+    out = work.stage(PRETRAIN)
     metrics = [("steps", summary.get("steps")), ("train loss", summary.get("train_loss")),
                ("val loss", summary.get("val_loss")), ("tokens", summary.get("tokens")),
                ("tokens/s", summary.get("tokens_per_s")), ("parameters", summary.get("params")),
                ("processes", summary.get("world_size")), ("seconds", summary.get("seconds")),
                ("checkpoint", summary.get("checkpoint"))]
-    samples = [r for r in _tail_records(out / "log.jsonl", 65536) if r.get("kind") == "sample"]
-    lines = [f"# Pretraining in `{out}`", "", _image_markdown(out / "loss.png"), "",
+    samples = [r for r in _tail_records(work.training_log(PRETRAIN), 65536)
+               if r.get("kind") == "sample"]
+    lines = [f"# Pretraining in `{out}`", "", _image_markdown(work.loss_plot(PRETRAIN)), "",
              "| metric | value |", "|---|---|",
              *(f"| {name} | {_fmt(value)} |" for name, value in metrics), "",
              "## Samples", ""]
@@ -242,10 +245,11 @@ def _fmt(value) -> str:
 
 def publish_finetune_report(workdir: str, summary: dict) -> None:
     """Markdown after fine-tuning: metrics and the model's answers to held-out instructions."""
-    out = Path(workdir) / "finetune"
-    path = out / "test_responses.json"
-    answers = json.loads(path.read_text()) if path.exists() else {"scores": {}, "responses": []}
-    lines = [f"# Fine-tuning in `{out}`", "", _image_markdown(out / "loss.png"), "",
+    work = WorkFolder(workdir)
+    path = work.test_responses
+    answers = read_json(path) if path.exists() else {"scores": {}, "responses": []}
+    lines = [f"# Fine-tuning in `{work.stage(FINETUNE)}`", "",
+             _image_markdown(work.loss_plot(FINETUNE)), "",
              "| metric | value |", "|---|---|",
              *(f"| {k} | {_fmt(v)} |" for k, v in summary.items()
                if not isinstance(v, (dict, list))),

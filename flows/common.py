@@ -10,18 +10,11 @@ import os
 import re
 from pathlib import Path
 
-from model.config import load_run_config
+from configs.run import data_config, load_run_config
 from pipeline.config import ConfigError, ForgeConfig
 
 FAIL_ONCE_MARKER = "FORGE_FAIL_ONCE_MARKER"
 _armed = False
-
-
-def data_config(cfg: ForgeConfig) -> ForgeConfig:
-    """The data stages' part of a run config (a RunConfig also holds the training sections)."""
-    if type(cfg) is ForgeConfig:
-        return cfg
-    return ForgeConfig.model_validate(cfg.model_dump(include=set(ForgeConfig.model_fields)))
 
 
 def resolve_config(config: ForgeConfig | None, config_file: str | None) -> ForgeConfig:
@@ -62,7 +55,7 @@ def arm_test_failure_once() -> None:
 
     For tests of a UI Retry: `forge serve` runs with FORGE_FAIL_AFTER=<stage>:<N> and
     FORGE_FAIL_ONCE_MARKER=<path>. The first flow run creates the marker and keeps the
-    injection (pipeline.stage raises after N committed units); every later run, the retry
+    injection (pipeline.contract raises after N committed units); every later run, the retry
     included, finds the marker and drops FORGE_FAIL_AFTER from its own environment. Without
     the marker variable this does nothing. (A served flow run is a process of its own.)
     """

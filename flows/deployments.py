@@ -11,10 +11,9 @@ from pathlib import Path
 from prefect import serve
 from prefect.flows import Flow
 
-from flows.common import data_config
+from configs.run import data_config, load_run_config
 from flows.stages import DATA_FLOWS
 from flows.training import TRAINING_FLOWS
-from model.config import load_run_config
 
 
 def all_flows() -> tuple[Flow, ...]:

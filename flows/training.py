@@ -1,6 +1,6 @@
 """Pretraining as a flow, and `build-assistant`: the data stages, then pretraining, end to end.
 
-The trainer runs as a child process (`python -m model.train`, or torchrun with the `launch`
+The trainer runs as a child process (`forge pretrain`, under torchrun with the `launch`
 parameter's processes per node): CUDA, DDP and their crashes stay out of the flow process, and
 its output is streamed into the run's logs (flows/launcher.py). The trainer's own resume makes
 a rerun continue from the newest checkpoint; a finished pretraining is cached like a data stage
@@ -21,12 +21,13 @@ from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.context import TaskRunContext
 from pydantic import BaseModel, ConfigDict, Field
 
+from configs.run import RunConfig, data_config, load_run_config
 from flows.artifacts import TrainingProgress, publish_finetune_report, publish_training_report
-from flows.common import data_config, start_flow_process
+from flows.common import start_flow_process
 from flows.launcher import run_command
-from flows.stages import CACHE_FOLDER, matches_disk, prepare_data, summarize
-from model.config import RunConfig, load_run_config
+from flows.stages import matches_disk, prepare_data, summarize
 from pipeline.config import ConfigError
+from pipeline.files import FINETUNE, PRETRAIN, WorkFolder, read_json
 
 
 class LaunchConfig(BaseModel):
@@ -60,12 +61,12 @@ def resolve_run_config(config: RunConfig | None, config_file: str | None) -> Run
 
 
 def trainer_command(launch: LaunchConfig, config_file: Path, workdir: Path) -> list[str]:
-    args = ["--config", str(config_file), "--workdir", str(workdir)]
+    args = ["-m", "cli.main", "pretrain", "--config", str(config_file), "--workdir", str(workdir)]
     if launch.nproc_per_node == 1 and not launch.torchrun_args:
-        return [sys.executable, "-m", "model.train", *args]
+        return [sys.executable, *args]
     rendezvous = launch.torchrun_args or ["--standalone"]
     return [sys.executable, "-m", "torch.distributed.run", *rendezvous,
-            "--nproc-per-node", str(launch.nproc_per_node), "-m", "model.train", *args]
+            "--nproc-per-node", str(launch.nproc_per_node), *args]
 
 
 def dataset_fingerprint(cfg: RunConfig) -> str | None:
@@ -95,19 +96,20 @@ def run_pretrain_process(config: RunConfig, launch: LaunchConfig) -> dict:
     run_config = workdir / "pretrain-config.yaml"  # the config as run, for the trainer to read
     run_config.parent.mkdir(parents=True, exist_ok=True)
     run_config.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    progress = TrainingProgress(workdir / "pretrain" / "log.jsonl", config.pretrain.max_steps)
+    work = WorkFolder(workdir)
+    progress = TrainingProgress(work.training_log(PRETRAIN), config.pretrain.max_steps)
     run_command(trainer_command(launch, run_config, workdir), get_run_logger(),
                 stop_grace_s=launch.stop_grace_s, on_line=progress.on_line)
     progress.finish()
-    return summarize(json.loads((workdir / "pretrain" / "manifest.json").read_text()))
+    return summarize(read_json(work.manifest(PRETRAIN)))
 
 
 def pretrain(cfg: RunConfig, launch: LaunchConfig) -> dict:
     """The pretraining task (or its cached result), then the report artifact."""
-    runner = run_pretrain_process.with_options(result_storage=Path(cfg.workdir) / CACHE_FOLDER)
+    runner = run_pretrain_process.with_options(result_storage=WorkFolder(cfg.workdir).prefect_cache)
     state = runner(cfg, launch, return_state=True)
     summary = state.result()
-    if state.name == "Cached" and not matches_disk(cfg, "pretrain", summary):
+    if state.name == "Cached" and not matches_disk(cfg, PRETRAIN, summary):
         summary = runner.with_options(refresh_cache=True)(cfg, launch)
     publish_training_report(cfg.workdir, summary)
     return summary
@@ -138,9 +140,9 @@ def run_finetune_process(config: RunConfig) -> dict:
     run_config = workdir / "finetune-config.yaml"  # the config as run, for the trainer to read
     run_config.parent.mkdir(parents=True, exist_ok=True)
     run_config.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    run_command([sys.executable, "-m", "model.finetune", "--config", str(run_config),
+    run_command([sys.executable, "-m", "cli.main", "finetune", "--config", str(run_config),
                  "--workdir", str(workdir), "--resume"], get_run_logger())
-    return summarize(json.loads((workdir / "finetune" / "manifest.json").read_text()))
+    return summarize(read_json(WorkFolder(workdir).manifest(FINETUNE)))
 
 
 @flow(name="finetune")

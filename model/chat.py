@@ -34,7 +34,7 @@ import torch
 
 from model.gpt import GPT
 from model.inference import PREAMBLE
-from pipeline.tokenizer import EOT_ID
+from pipeline.encoding import EOT_ID
 
 STOP_STRINGS = ("### Instruction:", "### Response:")
 HELP = """commands:

@@ -1,7 +1,7 @@
 """Atomic training checkpoints: the newest K, each complete or ignored.
 
     checkpoints/
-      ckpt-000100.pt      torch.save of the state (written as .ckpt-000100.pt.<pid>.tmp,
+      ckpt-000100.pt      torch.save of the state (written as .ckpt-000100.pt.<random>.tmp,
                           fsynced, renamed)
       ckpt-000100.json    sidecar: step, size and sha256 of the .pt; written last, atomically
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 import time
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.stage import fsync_dir, sha256_file
+from pipeline.files import atomic_write, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +59,8 @@ class CheckpointManager:
         for stale in self.folder.glob(".ckpt-*.tmp"):  # left by a killed save
             stale.unlink(missing_ok=True)
         final = self.path_for(step)
-        tmp = self.folder / f".{final.name}.{os.getpid()}.tmp"
         t0 = time.perf_counter()
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        fsync_dir(self.folder)
+        atomic_write(final, lambda tmp: torch.save(state, tmp))
         sidecar = {
             "format": FORMAT,
             "step": step,
@@ -76,13 +69,7 @@ class CheckpointManager:
             "sha256": sha256_file(final),
             "time": time.time(),
         }
-        side = self.sidecar_for(final)
-        side_tmp = self.folder / f".{side.name}.{os.getpid()}.tmp"
-        side_tmp.write_text(json.dumps(sidecar, indent=1) + "\n")
-        with open(side_tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(side_tmp, side)
-        fsync_dir(self.folder)
+        atomic_write_json(self.sidecar_for(final), sidecar)
         log.info(
             "checkpoint %s (%.1f MB, %.1fs)",
             final,

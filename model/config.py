@@ -2,6 +2,7 @@
 
 Like pipeline/config.py: every field is described (the Prefect UI renders these models as
 forms) and unknown keys are rejected, so a typo fails before any work and names the field.
+The whole run config, which adds this section to the data stages', is configs/run.py.
 """
 
 from __future__ import annotations
@@ -10,14 +11,13 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from model.finetune_config import FinetuneConfig
 from model.gpt_config import PRESETS, GPTConfig
-from pipeline.config import ConfigError, ForgeConfig, explain, load_config
+from pipeline.files import WorkFolder
 
 
-class PretrainConfigError(ConfigError):
+class PretrainConfigError(ValueError):
     """A pretraining misconfiguration, in one sentence that names the fields and the fix."""
 
 
@@ -166,41 +166,8 @@ class PretrainConfig(BaseModel):
 
     def dataset_path(self, workdir: Path) -> Path:
         """The dataset to read: `dataset` if set, else the tokenize stage's output."""
-        return Path(self.dataset) if self.dataset else Path(workdir) / "tokenize" / "dataset.zarr"
+        return Path(self.dataset) if self.dataset else WorkFolder(workdir).dataset
 
     def model_dict(self, vocab_size: int) -> dict:
         """The model config as a plain dict (what checkpoints store and compare)."""
         return dataclasses.asdict(self.gpt_config(vocab_size))
-
-
-class RunConfig(ForgeConfig):
-    """A whole run: the data stages plus training; the `forge` commands and flows read this."""
-
-    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
-    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
-
-    @model_validator(mode="after")
-    def _offline_vocabulary(self) -> RunConfig:
-        """Training encodes text (samples, instructions) with the data stages' vocabulary."""
-        for section in (self.pretrain, self.finetune):
-            if section.vocab_dir is None and self.data.tokenize.vocab_dir:
-                section.vocab_dir = self.data.tokenize.vocab_dir
-        return self
-
-
-def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
-    return load_config(path, overrides, schema=RunConfig)
-
-
-def load_pretrain_config(path: str | Path) -> tuple[Path, PretrainConfig]:
-    """`workdir` and the `pretrain:` section of a YAML run config (what `model.train` needs)."""
-    cfg = load_run_config(path)
-    return Path(cfg.workdir), cfg.pretrain
-
-
-def validate_pretrain(section: dict, origin: str = "config") -> PretrainConfig:
-    """PretrainConfig from a dict, with errors as one line per field (`pretrain.<field>`)."""
-    try:
-        return RunConfig.model_validate({"pretrain": section}).pretrain
-    except ValidationError as e:
-        raise PretrainConfigError(explain(e, origin)) from None

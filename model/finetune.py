@@ -16,12 +16,11 @@ there. A record becomes the Alpaca prompt plus its output and <|endoftext|>; a b
 with <|endoftext|> to its longest record, and the padding (and, by default, the prompt) gets
 target -100. Bad records never stop a run: each is dropped and counted under its reason.
 
-    python -m model.finetune --config configs/demo.yaml [--resume] [--overwrite]
+    forge finetune --config configs/demo.yaml [--resume] [--overwrite]
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import dataclasses
@@ -30,8 +29,6 @@ import json
 import logging
 import math
 import re
-import shutil
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -43,12 +40,7 @@ import numpy as np
 import torch
 
 from model.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
-from model.finetune_config import (
-    FinetuneConfig,
-    FinetuneConfigError,
-    load_finetune_config,
-    validate_finetune,
-)
+from model.finetune_config import FinetuneConfig, FinetuneConfigError
 from model.gpt import GPT
 from model.inference import (
     FINETUNE_FORMAT,
@@ -59,19 +51,20 @@ from model.inference import (
     sha256_file,
 )
 from model.lora import apply_lora, lora_state_dict, merge_lora
-from model.stopping import GracefulStop, stop_exit_code
+from model.stopping import GracefulStop
 from model.train import (
     MetricsLog,
     WarmupCosine,
+    fresh_start,
     plot_losses,
     read_log,
     resolve_device,
     resolve_dtype,
     seed_everything,
 )
+from pipeline.encoding import EOT_ID, get_encoding
+from pipeline.files import FINETUNE, WorkFolder, atomic_write_json, config_hash
 from pipeline.instructions import load_records, record_key, split_records
-from pipeline.stage import atomic_write_json
-from pipeline.tokenizer import EOT_ID, get_encoding
 
 log = logging.getLogger("model.finetune")
 
@@ -134,6 +127,9 @@ def load_instruction_data(
     that also appears in a test split (files can overlap) or earlier in train/val is dropped,
     and so is a record of more than max_len tokens or with text that cannot be encoded.
     """
+    if not paths:
+        raise FinetuneConfigError("finetune.data is empty; list Alpaca-format JSON/JSONL files "
+                                  "(or pass --data FILE)")
     records: dict[str, list[dict]] = {name: [] for name in SPLITS}
     dropped: Counter = Counter()
     files, records_in = [], 0
@@ -407,16 +403,6 @@ def answer_records(
 # ---------------------------------------------------------------- the run
 
 
-def _fresh_start(out: Path) -> None:
-    for name in ("checkpoints", "log.jsonl", "loss.png", "manifest.json", "test_responses.json"):
-        target = out / name
-        if target.is_dir():
-            log.warning("starting over: removing %s", target)
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-
-
 class FinetuneTrainer:
     """One fine-tuning run: base model (+ LoRA), data, optimizer, schedule, loader, RNG.
 
@@ -428,7 +414,8 @@ class FinetuneTrainer:
         self, cfg: FinetuneConfig, workdir: Path, resume: bool = True, overwrite: bool = False
     ) -> None:
         self.cfg = cfg
-        self.out = Path(workdir) / "finetune"
+        self.work = WorkFolder(workdir)
+        self.out = self.work.stage(FINETUNE)
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         if self.device.type == "cpu":
@@ -438,7 +425,7 @@ class FinetuneTrainer:
             if self.dtype != torch.float32
             else contextlib.nullcontext()
         )
-        self.checkpoints = CheckpointManager(self.out / "checkpoints", cfg.keep_last)
+        self.checkpoints = CheckpointManager(self.work.checkpoints(FINETUNE), cfg.keep_last)
         latest = self.checkpoints.latest()
         if latest is not None and not resume:
             if not overwrite:
@@ -446,10 +433,10 @@ class FinetuneTrainer:
                     f"{self.out} already holds a fine-tuning run (newest checkpoint {latest}); "
                     "pass --resume to continue it or --overwrite to start over"
                 )
-            _fresh_start(self.out)
+            fresh_start(self.work, FINETUNE)
             latest = None
         elif latest is None and not resume:
-            _fresh_start(self.out)  # a log without checkpoints: nothing worth keeping
+            fresh_start(self.work, FINETUNE)  # a log without checkpoints: nothing worth keeping
         self.resumed_from = latest
         saved = read_checkpoint(latest) if latest is not None else None
         if saved is not None and saved.get("format") != FINETUNE_FORMAT:
@@ -525,7 +512,7 @@ class FinetuneTrainer:
             self.optimizer, cfg.lr, cfg.min_lr, cfg.warmup_steps, self.max_steps
         )
         torch.manual_seed(cfg.seed)  # dropout
-        self.metrics = MetricsLog(self.out / "log.jsonl", True)
+        self.metrics = MetricsLog(self.work.training_log(FINETUNE), True)
         self.step = 0
         self._rng: dict | None = None
         if saved is not None:
@@ -655,7 +642,7 @@ class FinetuneTrainer:
         examples = self.data.examples["test"][: cfg.test_limit]
         if not cfg.test_generate or not records:
             return None
-        path = self.out / "test_responses.json"
+        path = self.work.test_responses
         sha = sha256_file(checkpoint) if checkpoint else None
         decoding = {"temperature": 0.0, "max_new_tokens": cfg.test_max_new_tokens}
         with contextlib.suppress(OSError, ValueError, KeyError):
@@ -846,18 +833,16 @@ class FinetuneTrainer:
             "trainable": self.trainable(),
             "base": self.base,
             "checkpoint": str(last_ckpt) if last_ckpt else None,
-            "test_responses": str(self.out / "test_responses.json") if scores else None,
+            "test_responses": str(self.work.test_responses) if scores else None,
             "log": str(self.metrics.path),
             "plot": None,
             "seconds": round(time.time() - t_start, 2),
             "stopped_by": None,
         }
-        plot = plot_losses(self.metrics.path, self.out / "loss.png")
+        plot = plot_losses(self.metrics.path, self.work.loss_plot(FINETUNE))
         summary["plot"] = str(plot) if plot else None
-        from pipeline.config import config_hash
-
         atomic_write_json(
-            self.out / "manifest.json",
+            self.work.manifest(FINETUNE),
             {
                 "stage": "finetune",
                 "config_hash": config_hash(cfg, self.base["sha256"], self.data.fingerprint),
@@ -893,54 +878,3 @@ def run_finetune(
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
-
-
-# ---------------------------------------------------------------- command line
-
-
-def apply_overrides(
-    cfg: FinetuneConfig, data: list[str] | None = None, base: str | None = None
-) -> FinetuneConfig:
-    """The config with --data / --base from the command line applied (validated again)."""
-    update: dict[str, Any] = {}
-    if data:
-        update["data"] = data
-    if base:
-        update["base"] = base
-    if not update:
-        return cfg
-    return validate_finetune({**cfg.model_dump(exclude_unset=True), **update}, "command line")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m model.finetune", description="Instruction-fine-tune a GPT checkpoint."
-    )
-    parser.add_argument("--config", required=True, help="YAML run config with a finetune: section")
-    parser.add_argument("--workdir", help="override the config's workdir")
-    parser.add_argument("--data", action="append", help="instruction file; repeatable")
-    parser.add_argument("--base", help="checkpoint or work folder to start from")
-    parser.add_argument("--resume", action="store_true", help="continue the existing run")
-    parser.add_argument("--overwrite", action="store_true", help="replace the existing run")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
-    )
-    try:
-        workdir, cfg = load_finetune_config(args.config)
-        cfg = apply_overrides(cfg, args.data, args.base)
-        summary = run_finetune(
-            cfg,
-            Path(args.workdir) if args.workdir else workdir,
-            resume=args.resume,
-            overwrite=args.overwrite,
-        )
-    except (FinetuneConfigError, FinetuneError, CheckpointError, FileNotFoundError) as e:
-        log.error("%s", e)
-        return 2
-    print(json.dumps(summary, indent=1))
-    return stop_exit_code(summary)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

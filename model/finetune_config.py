@@ -9,10 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-DEFAULT_DATA = "../shared/data/instruct/rasbt-instruction-data.json"
-
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Linear layers of a GPT block: attn.c_attn (fused q, k, v), attn.c_proj, mlp.c_fc, mlp.c_proj.
 # Here, not in model/lora.py, so that configs load without importing torch.
@@ -64,8 +61,7 @@ class FinetuneConfig(BaseModel):
 
     # ------------------------------------------------------------ data
     data: list[str] = Field(
-        default_factory=lambda: [DEFAULT_DATA],
-        min_length=1,
+        default_factory=list,
         description="Alpaca-format JSON or JSONL(.gz) files (instruction, input, output; records "
         "with a `status` keep only 'ok'). Each file is split on its own, as decontamination does.",
     )
@@ -166,22 +162,3 @@ class FinetuneConfig(BaseModel):
 
     def base_path(self, workdir: Path) -> Path:
         return Path(self.base) if self.base else Path(workdir)
-
-
-def load_finetune_config(path: str | Path) -> tuple[Path, FinetuneConfig]:
-    """`workdir` and the `finetune:` section of a YAML run config."""
-    from model.config import load_run_config
-
-    cfg = load_run_config(path)
-    return Path(cfg.workdir), cfg.finetune
-
-
-def validate_finetune(section: dict, origin: str = "config") -> FinetuneConfig:
-    """FinetuneConfig from a dict, with errors as one line per field (`finetune.<field>`)."""
-    from model.config import RunConfig
-    from pipeline.config import explain
-
-    try:
-        return RunConfig.model_validate({"finetune": section}).finetune
-    except ValidationError as e:
-        raise FinetuneConfigError(explain(e, origin)) from None

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.gpt_config import PRESETS, GPTConfig  # noqa: F401 - PRESETS is part of this API
-from pipeline.tokenizer import VOCAB_SIZE
+from pipeline.encoding import VOCAB_SIZE
 
 # Dense bf16 peak FLOP/s per GPU, for MFU. The SXM parts; PCIe cards are lower.
 PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}

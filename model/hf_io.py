@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -25,8 +24,8 @@ import torch
 from model.checkpoint import FORMAT as PRETRAIN_FORMAT
 from model.checkpoint import CheckpointManager
 from model.gpt import GPT, GPTConfig
-from pipeline.stage import atomic_write_json, sha256_file
-from pipeline.tokenizer import EOT_ID
+from pipeline.encoding import EOT_ID
+from pipeline.files import PRETRAIN, WorkFolder, atomic_write, atomic_write_json, sha256_file
 
 CONV1D = re.compile(r"\.(c_attn|c_proj|c_fc)\.weight$")
 IGNORED = re.compile(r"\.attn\.(bias|masked_bias)$")  # causal-mask buffers of old checkpoints
@@ -162,7 +161,7 @@ def import_gpt2(folder: str | Path, out: str | Path) -> Path:
     out = Path(out)
     if out.suffix == ".pt":
         return _save_file(state, out)
-    manager = CheckpointManager(out / "pretrain" / "checkpoints")
+    manager = CheckpointManager(WorkFolder(out).checkpoints(PRETRAIN))
     if manager.latest() is not None:
         raise HFFormatError(
             f"{out} already holds checkpoints (newest {manager.latest()}), "
@@ -173,13 +172,7 @@ def import_gpt2(folder: str | Path, out: str | Path) -> Path:
 
 def _save_file(state: dict, path: Path) -> Path:
     """A checkpoint at a name of the caller's choosing, atomic, with the usual sidecar."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
     atomic_write_json(
         CheckpointManager.sidecar_for(path),
         {
@@ -207,11 +200,7 @@ def export_hf(model: GPT, out: str | Path) -> Path:
         if CONV1D.search(key):
             tensor = tensor.t()
         tensors[key.removeprefix("transformer.")] = tensor.detach().float().cpu().contiguous()
-    for name, payload in (("model.safetensors", None), ("config.json", hf_config(model.config))):
-        tmp = out / f".{name}.{os.getpid()}.tmp"
-        if payload is None:
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
-        else:
-            tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        os.replace(tmp, out / name)
+    atomic_write(out / "model.safetensors",
+                 lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write_json(out / "config.json", hf_config(model.config))
     return out

@@ -22,7 +22,7 @@ import torch
 from model.checkpoint import FORMAT as PRETRAIN_FORMAT
 from model.checkpoint import CheckpointError, CheckpointManager
 from model.gpt import GPT, GPTConfig
-from pipeline.stage import sha256_file
+from pipeline.files import FINETUNE, PRETRAIN, WorkFolder, sha256_file
 
 FINETUNE_FORMAT = "forge-finetune-checkpoint"
 FORMATS = (PRETRAIN_FORMAT, FINETUNE_FORMAT)
@@ -52,12 +52,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return p
     if not p.is_dir():
         raise CheckpointError(f"{p} does not exist; give a checkpoint file or a work folder")
-    for folder in (
-        p,
-        p / "checkpoints",
-        p / "finetune" / "checkpoints",
-        p / "pretrain" / "checkpoints",
-    ):
+    work = WorkFolder(p)
+    for folder in (p, p / "checkpoints", work.checkpoints(FINETUNE), work.checkpoints(PRETRAIN)):
         latest = CheckpointManager(folder).latest()
         if latest is not None:
             return latest

@@ -13,13 +13,12 @@ DDP's gradient all-reduce only after the last (no_sync). A restart resumes from 
 complete checkpoint: model, AdamW moments, schedule position, loader position and every RNG
 state come back, so on the CPU the resumed run's losses equal the uninterrupted run's exactly.
 
-    python -m model.train --config configs/demo.yaml [--workdir DIR]
-    torchrun --standalone --nproc_per_node=8 -m model.train --config configs/gpt2-124m.yaml
+    forge pretrain --config configs/demo.yaml [--workdir DIR]
+    torchrun --standalone --nproc_per_node=8 -m cli.main pretrain --config configs/gpt2-124m.yaml
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -28,7 +27,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,20 +38,18 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model.checkpoint import (
-    CheckpointError,
     CheckpointManager,
     check_compatible,
     load_checkpoint,
     rng_state,
     set_rng_state,
 )
-from model.config import PretrainConfig, PretrainConfigError, load_pretrain_config
+from model.config import PretrainConfig, PretrainConfigError
 from model.data import ShardError, ShardLoader, check_shards
 from model.gpt import GPT, PEAK_BF16_FLOPS
-from model.stopping import GracefulStop, stop_exit_code
-from pipeline.config import config_hash
+from model.stopping import GracefulStop
+from pipeline.files import PRETRAIN, WorkFolder, atomic_write_json, config_hash
 from pipeline.shards import TokenDataset, verify
-from pipeline.stage import atomic_write_json
 
 log = logging.getLogger("model.train")
 
@@ -331,17 +327,16 @@ def _check_data(dataset: TokenDataset, cfg: PretrainConfig, dist_info: DistInfo)
 
 def _encoder(cfg: PretrainConfig) -> tuple[list[int], Callable[[list[int]], str]]:
     """The sample prompt's tokens and the decoder; fails fast if the vocabulary is missing."""
-    from pipeline.tokenizer import EOT_ID, get_encoding
+    from pipeline.encoding import EOT_ID, get_encoding
 
     enc = get_encoding(cfg.vocab_dir)
     ids = enc.encode(cfg.sample_prompt, allowed_special="all") or [EOT_ID]
     return ids, enc.decode
 
 
-def _fresh_start(out: Path) -> None:
-    """resume=False: forget a previous run's checkpoints and log."""
-    for name in ("checkpoints", "log.jsonl", "loss.png", "manifest.json"):
-        target = out / name
+def fresh_start(work: WorkFolder, stage: str) -> None:
+    """Starting over: forget a previous run's checkpoints, log and results."""
+    for target in work.training_outputs(stage):
         if target.is_dir():
             log.warning("starting over: removing %s", target)
             shutil.rmtree(target)
@@ -359,7 +354,7 @@ class Trainer:
 
     def __init__(self, cfg: PretrainConfig, workdir: Path, dist_info: DistInfo) -> None:
         self.cfg, self.dist = cfg, dist_info
-        self.out = Path(workdir) / "pretrain"
+        self.work = WorkFolder(workdir)
         self.device = resolve_device(cfg.device, dist_info.local_rank)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         if self.device.type == "cuda":
@@ -426,8 +421,8 @@ class Trainer:
         torch.manual_seed(cfg.seed + dist_info.rank)  # dropout differs across ranks
         self.model: torch.nn.Module = self.raw  # what trains: compiled and/or DDP-wrapped
         self.eval_model: torch.nn.Module = self.raw  # compiled, never DDP
-        self.checkpoints = CheckpointManager(self.out / "checkpoints", cfg.keep_last)
-        self.metrics = MetricsLog(self.out / "log.jsonl", dist_info.main)
+        self.checkpoints = CheckpointManager(self.work.checkpoints(PRETRAIN), cfg.keep_last)
+        self.metrics = MetricsLog(self.work.training_log(PRETRAIN), dist_info.main)
         self.step = 0
         self.resumed_from: Path | None = None
         self._rng: dict | None = None  # this rank's RNG states from the checkpoint
@@ -480,7 +475,7 @@ class Trainer:
     def resume(self, resume: bool = True) -> Path | None:
         """Load the newest complete checkpoint (rank 0 picks it for all), or start fresh."""
         if not resume and self.dist.main:
-            _fresh_start(self.out)
+            fresh_start(self.work, PRETRAIN)
         if self.dist.enabled:
             dist.barrier()
         latest = self.checkpoints.latest() if resume else None
@@ -722,10 +717,10 @@ class Trainer:
                 last_ckpt,
             )
         elif main:
-            plot = plot_losses(self.metrics.path, self.out / "loss.png")
+            plot = plot_losses(self.metrics.path, self.work.loss_plot(PRETRAIN))
             summary["plot"] = str(plot) if plot else None
             atomic_write_json(
-                self.out / "manifest.json",
+                self.work.manifest(PRETRAIN),
                 {
                     "stage": "pretrain",
                     "config_hash": config_hash(cfg, self.fingerprint),
@@ -765,39 +760,3 @@ def run_pretrain(
 
 
 # ---------------------------------------------------------------- command line
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m model.train",
-        description="Pretrain a GPT on a tokenized dataset (runs under torchrun for DDP).",
-    )
-    parser.add_argument("--config", required=True, help="YAML run config with a pretrain: section")
-    parser.add_argument("--workdir", help="override the config's workdir")
-    parser.add_argument(
-        "--no-resume",
-        action="store_true",
-        help="start over instead of resuming from the newest checkpoint",
-    )
-    args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    try:
-        workdir, cfg = load_pretrain_config(args.config)
-        summary = run_pretrain(
-            cfg, Path(args.workdir) if args.workdir else workdir, resume=not args.no_resume
-        )
-    except (PretrainConfigError, ShardError, CheckpointError, FileNotFoundError) as e:
-        log.error("%s", e)
-        return 2
-    if rank == 0:
-        print(json.dumps(summary, indent=1))
-    return stop_exit_code(summary)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

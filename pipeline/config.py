@@ -7,10 +7,9 @@ the field.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import copy
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -255,20 +254,89 @@ class FilterRules(Strict):
     )
 
 
+# ---------------------------------------------------------------- per-source settings
+
+# Named override sets for `per_source: {NAME: {preset: ...}}`; measured in
+# bench/results/filter_report.md. Further keys next to `preset` override these.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Books and other long-form prose (Gutenberg text and HTML, speeches).
+    "books": {
+        # Gutenberg text is hard-wrapped at ~70 columns: judge paragraphs, not the wrap.
+        "unwrap_lines": True,
+        # Gopher's 100k-word cap is for web pages; a novel is 50k-300k words.
+        "gopher_quality": {"max_words": None},
+        # Speaker names in plays, refrains in verse and "* * *" are short repeated elements;
+        # Gopher's character fractions (at the published caps) still catch real repetition.
+        "gopher_repetition": {"max_dup_para_frac": None, "max_dup_line_frac": None},
+        "fineweb": {"max_dup_line_char_ratio": None},
+        # Never cut lines out of a book; a "{" there is a footnote or verse-number mark.
+        "c4": {"remove_lines": False, "drop_curly_bracket": False},
+    },
+    # Documentation with code samples (the Python docs).
+    "docs": {
+        # Code lowers fastText's English score (API reference pages score 0.6 to 0.65);
+        # below 0.4 are index pages, which other rules drop too.
+        "language_threshold": 0.4,
+        # Operator tables and signatures: fewer words with letters than prose.
+        "gopher_quality": {"min_alpha_words_ratio": 0.7},
+        # API references repeat their formulas per function ("Return value: New reference."),
+        # code repeats "}" and "return NULL;": twice the published n-gram caps, and the
+        # duplicate-line share judged by characters (0.2) rather than by lines.
+        "gopher_repetition": {"max_dup_line_frac": None, "max_dup_ngram_char_frac": {
+            5: 0.30, 6: 0.28, 7: 0.26, 8: 0.24, 9: 0.22, 10: 0.20}},
+        # Code has braces and short lines; keep samples whole.
+        "c4": {"remove_lines": False, "drop_curly_bracket": False},
+        # Code lines end without punctuation and repeat (">>> parser.print_help()");
+        # Gopher's duplicate-line caps (0.3 of lines, 0.2 of characters) still apply.
+        "fineweb": {"min_line_punct_ratio": None, "max_dup_line_char_ratio": None},
+    },
+}
+
+
+def _deep_merge(base: dict, overrides: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolve_rules(base: dict, overrides: dict, source: str = "?") -> FilterRules:
+    """`base` (FilterRules fields) plus a source's overrides (an optional `preset` first)."""
+    overrides = dict(overrides or {})
+    preset = overrides.pop("preset", None)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"per_source.{source}.preset: unknown preset {preset!r}; "
+                             f"choose one of {sorted(PRESETS)}")
+        overrides = _deep_merge(PRESETS[preset], overrides)
+    try:
+        return FilterRules.model_validate(_deep_merge(base, overrides))
+    except ValidationError as e:
+        problems = []
+        for item in e.errors():
+            where = ".".join(str(p) for p in item["loc"])
+            if item["type"] == "extra_forbidden":
+                problems.append(f"unknown field '{where}'; check its spelling")
+            else:
+                problems.append(f"'{where}' {item['msg'].lower()}")
+        raise ValueError(f"per_source.{source}: {'; '.join(problems)}") from None
+
+
 class FilterConfig(FilterRules):
     enabled: bool = Field(default=True, description="Run the filter stage.")
     per_source: dict[str, dict] = Field(
         default_factory=dict,
         description="Source name -> partial overrides of the rules above, nested like them, "
         "e.g. books: {preset: books, gopher_quality: {max_words: null}}; `preset` starts from "
-        "a named set in pipeline.quality.PRESETS (books, docs).",
+        "a named set in PRESETS below (books, docs).",
     )
 
     @field_validator("per_source")
     @classmethod
     def _overrides_valid(cls, value: dict[str, dict], info) -> dict[str, dict]:
-        from pipeline.quality import resolve_rules  # here: quality imports this module
-
         base = {k: v.model_dump() if isinstance(v, BaseModel) else v
                 for k, v in info.data.items() if k in FilterRules.model_fields}
         for source, overrides in value.items():
@@ -277,8 +345,6 @@ class FilterConfig(FilterRules):
 
     def for_source(self, source: str) -> FilterRules:
         """The rules for documents of `source`: the defaults above plus its overrides."""
-        from pipeline.quality import resolve_rules
-
         base = self.model_dump(include=set(FilterRules.model_fields))
         return resolve_rules(base, self.per_source.get(source, {}), source)
 
@@ -419,9 +485,3 @@ def explain(error: ValidationError, origin: str) -> str:
             got = got if len(got) <= 80 else got[:77] + "..."
             lines.append(f"{origin}: field '{field}': {message} (got {got})")
     return "\n".join(lines)
-
-
-def config_hash(section: BaseModel, *upstream: str) -> str:
-    """A stable hash of a config section plus upstream fingerprints: what decides the output."""
-    payload = json.dumps(section.model_dump(mode="json"), sort_keys=True) + "|".join(upstream)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]

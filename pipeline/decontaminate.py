@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import DecontaminateConfig, EvalSetConfig, ForgeConfig
-from pipeline.documents import PartWriter, input_stage, read_part, run_map_stage
+from pipeline.contract import ProgressFn, StageError, UnitResult
+from pipeline.documents import PartWriter, map_stage_fingerprint, read_part, run_map_stage
+from pipeline.files import WorkFolder, atomic_write_bytes
 from pipeline.instructions import load_records, split_records
-from pipeline.stage import ProgressFn, StageError, UnitResult, atomic_write_bytes
 
 WORD = re.compile(r"[A-Za-z0-9]+")  # ASCII words: spans stay valid in the original text
 _MULTIPLIER = np.uint64(0x100000001B3)  # FNV prime: mixes word hashes into n-gram hashes
@@ -157,20 +158,26 @@ def _cut(text: str, matches: list[re.Match], hits: np.ndarray, n: int, margin: i
     return "\n".join(p.strip() for p in pieces if p.strip())
 
 
-def run_decontaminate(cfg: ForgeConfig, progress: ProgressFn | None = None,
-                      overwrite: bool = False) -> dict:
+def decontaminate_fingerprint(cfg: ForgeConfig) -> str:
+    """The section, its input and the evaluation files' contents (they decide the index)."""
     section = cfg.data.decontaminate
     if not section.eval_sets:
         raise StageError("decontaminate is enabled but data.decontaminate.eval_sets is empty; "
                          "list the evaluation sets or set enabled: false")
-    input_stage(cfg, "decontaminate")  # fails early, with a clear message, if not ready
-    digest = hashlib.sha256()  # the evaluation files decide the index: hash them, not it
+    digest = hashlib.sha256()
     for spec in section.eval_sets:
         path = Path(spec.path)
         if not path.is_file():
             raise StageError(f"decontaminate.eval_sets '{spec.name}': {path} does not exist")
         digest.update(spec.name.encode() + hashlib.sha256(path.read_bytes()).digest())
-    index_dir = Path(cfg.workdir) / "decontaminate" / "index"
+    return map_stage_fingerprint(cfg, "decontaminate", section, digest.hexdigest())
+
+
+def run_decontaminate(cfg: ForgeConfig, progress: ProgressFn | None = None,
+                      overwrite: bool = False) -> dict:
+    section = cfg.data.decontaminate
+    fingerprint = decontaminate_fingerprint(cfg)  # fails early, naming what is missing
+    index_dir = WorkFolder(cfg.workdir).stage("decontaminate") / "index"
     eval_ngrams: dict[str, dict] = {}
 
     def build() -> None:  # only when the stage has work to do
@@ -181,9 +188,8 @@ def run_decontaminate(cfg: ForgeConfig, progress: ProgressFn | None = None,
                                       zip(section.eval_sets, counts, strict=True)}
 
     return run_map_stage(
-        cfg, "decontaminate", section, decontaminate_unit, progress, overwrite,
-        payload={"index_dir": str(index_dir)}, extra_hash=digest.hexdigest(),
-        before_units=build, manifest_extra=eval_ngrams,
+        cfg, "decontaminate", section, fingerprint, decontaminate_unit, progress, overwrite,
+        payload={"index_dir": str(index_dir)}, before_units=build, manifest_extra=eval_ngrams,
     )
 
 

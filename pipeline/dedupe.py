@@ -44,14 +44,23 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel
 
-from pipeline.config import DedupeConfig, ForgeConfig, config_hash
-from pipeline.documents import PartWriter, input_stage, run_map_stage
+from pipeline.config import DedupeConfig, ForgeConfig
+from pipeline.contract import ProgressFn, Stage, StageError, Unit, UnitResult
+from pipeline.documents import PartWriter, map_stage_fingerprint, run_map_stage
+from pipeline.files import (
+    WorkFolder,
+    atomic_write_json,
+    commit,
+    config_hash,
+    read_json,
+    sha256_file,
+    temp_path_for,
+)
 from pipeline.minhash import (
     CONTAINED,
     SIMILAR,
@@ -61,18 +70,7 @@ from pipeline.minhash import (
     similar_pairs,
     stack_sketches,
 )
-from pipeline.stage import (
-    ProgressFn,
-    Stage,
-    StageError,
-    Unit,
-    UnitResult,
-    atomic_write_json,
-    commit,
-    read_json,
-    sha256_file,
-    temp_path_for,
-)
+from pipeline.registry import input_manifest
 
 EXACT, NEAR, CONTAINED_REASON, MALFORMED = ("exact_duplicate", "near_duplicate",
                                             "contained_duplicate", "malformed_document")
@@ -364,6 +362,11 @@ class _SketchSettings(BaseModel):
     seed: int
 
 
+def dedupe_fingerprint(cfg: ForgeConfig) -> str:
+    """The dedupe section and its input decide the clusters, and so the output."""
+    return map_stage_fingerprint(cfg, "dedupe", cfg.data.dedupe)
+
+
 def run_dedupe(cfg: ForgeConfig, progress: ProgressFn | None = None,
                overwrite: bool = False) -> dict:
     """Run the dedupe stage (signatures, clusters, documents); return its manifest."""
@@ -371,9 +374,8 @@ def run_dedupe(cfg: ForgeConfig, progress: ProgressFn | None = None,
     if not dcfg.enabled:
         raise StageError("dedupe is disabled in this config (data.dedupe.enabled: false); "
                          "set it to true to run the stage")
-    upstream_dir = input_stage(cfg, "dedupe")
-    upstream = read_json(upstream_dir / "manifest.json")
-    folder = Path(cfg.workdir) / "dedupe"
+    upstream_dir, upstream = input_manifest(cfg, "dedupe")
+    folder = WorkFolder(cfg.workdir).stage("dedupe")
     sketch = _SketchSettings(**{k: getattr(dcfg, k) for k in SKETCH_FIELDS})
     sig_hash = config_hash(sketch, upstream["output_fingerprint"])
     if overwrite and folder.exists():
@@ -386,7 +388,6 @@ def run_dedupe(cfg: ForgeConfig, progress: ProgressFn | None = None,
             return None
         return lambda done, _: progress(offset + done, total)
 
-    started = time.perf_counter()
     sig_stage = Stage("dedupe-signatures", folder / "signatures", sig_hash)
     sig_stage.claim()
     units = [Unit(part["unit"], {
@@ -398,8 +399,7 @@ def run_dedupe(cfg: ForgeConfig, progress: ProgressFn | None = None,
     records = sig_stage.run_units(units, signature_unit, cfg.workers, stepped(0),
                                   executor=cfg.executor)
     if not sig_stage.finished_manifest():
-        sig_stage.write_manifest(records, input_fingerprint=upstream["output_fingerprint"],
-                                 wall_seconds=round(time.perf_counter() - started, 3))
+        sig_stage.write_manifest(records, input_fingerprint=upstream["output_fingerprint"])
     clusters = Stage("dedupe-clusters", folder / "clusters",
                      config_hash(dcfg, upstream["output_fingerprint"]))
     clusters.claim()
@@ -412,9 +412,8 @@ def run_dedupe(cfg: ForgeConfig, progress: ProgressFn | None = None,
         clusters.write_manifest(record, summary=record["clusters"]["outputs"]["summary"])
     decisions = record["clusters"]["outputs"]
     return run_map_stage(
-        cfg, "dedupe", dcfg, _dedupe_map_unit, stepped(len(parts) + 1), overwrite=False,
-        payload={"decisions": str(clusters.folder / decisions["decisions"])},
-        extra_hash=decisions["sha256"],
+        cfg, "dedupe", dcfg, dedupe_fingerprint(cfg), _dedupe_map_unit, stepped(len(parts) + 1),
+        overwrite=False, payload={"decisions": str(clusters.folder / decisions["decisions"])},
     )
 
 
@@ -438,7 +437,7 @@ def _dedupe_map_unit(payload: dict) -> UnitResult:
 
 def decision_table(workdir: str | Path) -> dict:
     """The decisions of a finished dedupe stage: {dropped id: (reason, duplicate_of)}."""
-    path = Path(workdir) / "dedupe" / "clusters" / "decisions.json"
+    path = WorkFolder(workdir).stage("dedupe") / "clusters" / "decisions.json"
     table = read_json(path)
     return {row[1]: (row[2], row[3]) for rows in table["parts"].values() for row in rows}
 

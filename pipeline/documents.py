@@ -9,48 +9,36 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel
 
-from pipeline.config import ForgeConfig, config_hash
-from pipeline.stage import (
-    ProgressFn,
-    Stage,
-    StageError,
-    Unit,
-    UnitResult,
+from pipeline.config import ForgeConfig
+from pipeline.contract import ProgressFn, Stage, Unit, UnitResult, run_stage
+from pipeline.files import (
+    MANIFEST,
+    WorkFolder,
     commit,
+    config_hash,
     read_json,
     sha256_file,
     temp_path_for,
 )
+from pipeline.registry import input_manifest
 
 DROP_EXAMPLES_PER_REASON = 3
 
-# The document stages in pipeline order; `enabled_stages` says which a config runs.
-DOCUMENT_STAGES = ("extract", "filter", "dedupe", "decontaminate")
 
+@dataclass(frozen=True)
+class Drop:
+    """Why a document left the pipeline: `reason` is the key counted in the stage manifest,
+    `detail` the measured value shown in the drop examples, `name` the document (when known)."""
 
-def enabled_stages(cfg: ForgeConfig) -> list[str]:
-    return [name for name in DOCUMENT_STAGES
-            if name == "extract" or getattr(getattr(cfg.data, name, None), "enabled", False)]
-
-
-def input_stage(cfg: ForgeConfig, stage: str) -> Path:
-    """The folder of the enabled document stage that feeds `stage`; it must be finished."""
-    workdir = Path(cfg.workdir)
-    order = enabled_stages(cfg)
-    before = order if stage not in order else order[: order.index(stage)]
-    if not before:
-        raise StageError(f"{stage} has no document stage before it")
-    folder = workdir / before[-1]
-    if not (folder / "manifest.json").exists():
-        raise StageError(f"{stage} needs the {before[-1]} stage's output ({folder} has no "
-                         f"manifest); run `forge {before[-1]}` first, or `forge prepare`")
-    return folder
+    reason: str
+    detail: str = ""
+    name: str = ""
 
 
 class PartWriter:
@@ -90,13 +78,13 @@ def read_part(path: str | Path) -> Iterator[dict]:
 
 def iter_documents(stage_dir: Path) -> Iterator[dict]:
     """Every document a finished stage wrote, in order."""
-    manifest = read_json(stage_dir / "manifest.json")
+    manifest = read_json(stage_dir / MANIFEST)
     for part in manifest["parts"]:
         yield from read_part(stage_dir / part["file"])
 
 
 def finish_document_stage(stage: Stage, records: dict[str, dict], input_fingerprint: str,
-                          started: float, **extra) -> dict:
+                          **extra) -> dict:
     parts = [{"unit": uid, "file": f"docs/{r['outputs']['docs_file']}",
               "sha256": r["outputs"]["sha256"], "docs": r["docs_out"]}
              for uid, r in records.items()]
@@ -111,43 +99,45 @@ def finish_document_stage(stage: Stage, records: dict[str, dict], input_fingerpr
         drop_examples={k: v[:10] for k, v in sorted(examples.items())},
         input_fingerprint=input_fingerprint,
         output_fingerprint=fingerprint.hexdigest(),
-        wall_seconds=round(time.perf_counter() - started, 3),
         **extra,
     )
 
 
-def run_map_stage(cfg: ForgeConfig, name: str, section: BaseModel,
+def map_stage_fingerprint(cfg: ForgeConfig, name: str, section: BaseModel,
+                          extra_hash: str = "") -> str:
+    """The config hash of a map stage: its section, its input's fingerprint, `extra_hash`."""
+    upstream = input_manifest(cfg, name)[1]
+    return config_hash(section, upstream["output_fingerprint"], extra_hash)
+
+
+def run_map_stage(cfg: ForgeConfig, name: str, section: BaseModel, stage_hash: str,
                   unit_fn: Callable[[dict], UnitResult], progress: ProgressFn | None = None,
                   overwrite: bool = False, payload: dict | None = None,
-                  extra_hash: str = "", before_units: Callable[[], None] | None = None,
+                  before_units: Callable[[], None] | None = None,
                   manifest_extra: dict | None = None) -> dict:
-    """A stage that maps every upstream part to one output part (filter, decontaminate).
+    """A stage that maps every upstream part to one output part (filter, dedupe,
+    decontaminate), under `stage_hash` (the value of the stage's fingerprint function).
 
-    `unit_fn` gets {docs_file, dest, config, **payload}; `extra_hash` folds in inputs that
-    are not in the config (a dedupe decision table, an evaluation-set index), which
-    `before_units` can write into the stage folder once it is claimed.
+    `unit_fn` gets {docs_file, dest, config, **payload}; `before_units` can write inputs that
+    are not in the config (an evaluation-set index) into the stage folder once it is claimed.
     """
-    upstream_dir = input_stage(cfg, name)
-    upstream = read_json(upstream_dir / "manifest.json")
-    folder = Path(cfg.workdir) / name
-    stage = Stage(name, folder, config_hash(section, upstream["output_fingerprint"], extra_hash))
-    if manifest := stage.finished_manifest():
-        return manifest
-    stage.claim(overwrite)
-    started = time.perf_counter()
-    (folder / "docs").mkdir(parents=True, exist_ok=True)
-    if before_units:
-        before_units()
-    units = [
-        Unit(part["unit"], {
-            "docs_file": str(upstream_dir / part["file"]),
-            "dest": str(folder / "docs" / f"{part['unit']}.jsonl"),
-            "config": section.model_dump(mode="json"),
-            **(payload or {}),
-        })
-        for part in upstream["parts"]
-    ]
-    records = stage.run_units(units, unit_fn, cfg.workers, progress,
-                                 executor=cfg.executor)
-    return finish_document_stage(stage, records, upstream["output_fingerprint"], started,
-                                 **(manifest_extra or {}))
+    upstream_dir, upstream = input_manifest(cfg, name)
+
+    def work(stage: Stage) -> dict:
+        (stage.folder / "docs").mkdir(parents=True, exist_ok=True)
+        if before_units:
+            before_units()
+        units = [
+            Unit(part["unit"], {
+                "docs_file": str(upstream_dir / part["file"]),
+                "dest": str(stage.folder / "docs" / f"{part['unit']}.jsonl"),
+                "config": section.model_dump(mode="json"),
+                **(payload or {}),
+            })
+            for part in upstream["parts"]
+        ]
+        records = stage.run_units(units, unit_fn, cfg.workers, progress, executor=cfg.executor)
+        return finish_document_stage(stage, records, upstream["output_fingerprint"],
+                                     **(manifest_extra or {}))
+
+    return run_stage(name, WorkFolder(cfg.workdir).stage(name), stage_hash, overwrite, work)

@@ -20,19 +20,16 @@ import shutil
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from pipeline.config import DownloadConfig, ForgeConfig, SourceConfig, config_hash
-from pipeline.stage import (
-    ProgressFn,
-    Stage,
-    StageError,
-    Unit,
-    UnitResult,
+from pipeline.config import DownloadConfig, ForgeConfig, SourceConfig
+from pipeline.contract import ProgressFn, Stage, StageError, Unit, UnitResult, run_stage
+from pipeline.files import (
+    WorkFolder,
     atomic_write_json,
     commit,
+    config_hash,
     read_json,
     safe_name,
     sha256_file,
@@ -409,49 +406,41 @@ def _write_jsonl_gz(path: Path, rows: list[dict]) -> None:
 # ---------------------------------------------------------------- the stage
 
 
-@dataclass
-class DownloadOutput:
-    folder: Path
-    manifest: dict
-
-
-def download_config_hash(cfg: ForgeConfig) -> str:
+def download_fingerprint(cfg: ForgeConfig) -> str:
+    """The download settings and the sources decide what is fetched."""
     return config_hash(cfg.data.download, json.dumps(
         [s.model_dump(mode="json") for s in cfg.data.sources], sort_keys=True))
 
 
 def run_download(cfg: ForgeConfig, progress: ProgressFn | None = None,
                  overwrite: bool = False) -> dict:
-    folder = Path(cfg.workdir) / "download"
     if not cfg.data.sources:
         raise StageError("data.sources is empty: list at least one source in the config, or "
                          "pass --source PATH_OR_URL_OR_GLOB")
-    stage = Stage("download", folder, download_config_hash(cfg))
-    if manifest := stage.finished_manifest():
-        return manifest
-    stage.claim(overwrite)
-    started = time.perf_counter()
-    files_dir = folder / "files"
-    files_dir.mkdir(parents=True, exist_ok=True)
-    common = {"out_dir": str(files_dir), "download": cfg.data.download.model_dump(mode="json")}
-    units = [Unit(u.id, {**u.payload, **common}) for u in plan_units(cfg)]
-    records = stage.run_units(units, download_unit, cfg.workers, progress,
-                                 executor=cfg.executor)
-    for index, source in enumerate(cfg.data.sources):
-        if source_kind(source.uri) == "hf":
-            records.update(stream_hf_source(stage, index, source, cfg.data.download, files_dir))
-    files = [f for r in records.values() for f in r["outputs"].get("files", [])]
-    if not files:
-        raise StageError("download: no source yielded a file; check the sources' paths or URLs")
-    fingerprint = hashlib.sha256(
-        "".join(f"{f['path']}:{f['sha256']};" for f in files).encode()
-    ).hexdigest()
-    errors = {uid: r["outputs"]["error"] for uid, r in records.items() if "error" in r["outputs"]}
-    return stage.write_manifest(
-        records,
-        count_unit="files",
-        files=files,
-        errors=errors,
-        output_fingerprint=fingerprint,
-        wall_seconds=round(time.perf_counter() - started, 3),
-    )
+
+    def work(stage: Stage) -> dict:
+        files_dir = stage.folder / "files"
+        files_dir.mkdir(parents=True, exist_ok=True)
+        common = {"out_dir": str(files_dir),
+                  "download": cfg.data.download.model_dump(mode="json")}
+        units = [Unit(u.id, {**u.payload, **common}) for u in plan_units(cfg)]
+        records = stage.run_units(units, download_unit, cfg.workers, progress,
+                                  executor=cfg.executor)
+        for index, source in enumerate(cfg.data.sources):
+            if source_kind(source.uri) == "hf":
+                records.update(stream_hf_source(stage, index, source, cfg.data.download,
+                                                files_dir))
+        files = [f for r in records.values() for f in r["outputs"].get("files", [])]
+        if not files:
+            raise StageError("download: no source yielded a file; check the sources' paths "
+                             "or URLs")
+        fingerprint = hashlib.sha256(
+            "".join(f"{f['path']}:{f['sha256']};" for f in files).encode()
+        ).hexdigest()
+        errors = {uid: r["outputs"]["error"] for uid, r in records.items()
+                  if "error" in r["outputs"]}
+        return stage.write_manifest(records, count_unit="files", files=files, errors=errors,
+                                    output_fingerprint=fingerprint)
+
+    return run_stage("download", WorkFolder(cfg.workdir).stage("download"),
+                     download_fingerprint(cfg), overwrite, work)

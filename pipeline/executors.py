@@ -22,7 +22,8 @@ from pathlib import Path
 from datatrove.pipeline.base import PipelineStep
 
 from pipeline.config import ExecutorConfig
-from pipeline.stage import Stage, StageError, Unit, UnitFn, read_json, run_and_record
+from pipeline.files import read_json
+from pipeline.units import Unit, UnitFn, run_and_record
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,11 @@ class RunUnits(PipelineStep):
         yield from ()
 
 
-def build_executor(stage: Stage, fn: UnitFn, jobs: list[tuple[Unit, str]],
+def build_executor(name: str, folder: Path, fn: UnitFn, jobs: list[tuple[Unit, str]],
                    cfg: ExecutorConfig):
-    """The datatrove executor for these jobs, logging under the stage folder."""
+    """The datatrove executor for stage `name`'s jobs, logging under its `folder`."""
     tasks = min(cfg.tasks or len(jobs), len(jobs))
-    logging_dir = str(stage.folder / "executor" / time.strftime("%Y%m%d-%H%M%S"))
+    logging_dir = str(folder / "executor" / time.strftime("%Y%m%d-%H%M%S"))
     pipeline = [RunUnits(fn, jobs, os.getcwd())]
     if cfg.kind == "ray":
         from datatrove.executor.ray import RayPipelineExecutor
@@ -69,7 +70,7 @@ def build_executor(stage: Stage, fn: UnitFn, jobs: list[tuple[Unit, str]],
         partition=slurm.partition,
         cpus_per_task=slurm.cpus_per_task,
         mem_per_cpu_gb=slurm.mem_per_cpu_gb,
-        job_name=f"{slurm.job_name}-{stage.name}",
+        job_name=f"{slurm.job_name}-{name}",
         env_command=slurm.env_command or f"source {Path(sys.prefix) / 'bin' / 'activate'}",
         sbatch_args=dict(slurm.sbatch_args),
         logging_dir=logging_dir,
@@ -80,10 +81,12 @@ def build_executor(stage: Stage, fn: UnitFn, jobs: list[tuple[Unit, str]],
     )
 
 
-def execute_distributed(stage: Stage, fn: UnitFn, jobs: list[tuple[Unit, str]],
+def execute_distributed(name: str, folder: Path, fn: UnitFn, jobs: list[tuple[Unit, str]],
                         cfg: ExecutorConfig, failures: list[str]) -> Iterator[dict]:
-    """Run the jobs on the cluster; yield each record as it appears in the work folder."""
-    executor = build_executor(stage, fn, jobs, cfg)
+    """Run stage `name`'s jobs on the cluster; yield each record as it appears in `folder`.
+
+    A unit without a record when the tasks have ended is added to `failures`."""
+    executor = build_executor(name, folder, fn, jobs, cfg)
     errors: list[BaseException] = []
 
     def launch() -> None:
@@ -98,7 +101,7 @@ def execute_distributed(stage: Stage, fn: UnitFn, jobs: list[tuple[Unit, str]],
         except BaseException as e:  # noqa: BLE001 - reported by the driver below
             errors.append(e)
 
-    runner = threading.Thread(target=launch, name=f"{stage.name}-{cfg.kind}", daemon=True)
+    runner = threading.Thread(target=launch, name=f"{name}-{cfg.kind}", daemon=True)
     runner.start()
     remaining = {record: unit for unit, record in jobs}
     while remaining:
@@ -111,10 +114,10 @@ def execute_distributed(stage: Stage, fn: UnitFn, jobs: list[tuple[Unit, str]],
             for record in [r for r in remaining if Path(r).exists()]:  # the last moment
                 remaining.pop(record)
                 yield read_json(Path(record))
-            if errors:
-                raise StageError(f"{stage.name}: the {cfg.kind} executor failed: {errors[0]}")
-            failures.extend(f"{unit.id}: no record after the {cfg.kind} tasks ended (see "
-                            f"{executor.logging_dir.path})" for unit in remaining.values())
+            why = (f"the {cfg.kind} executor failed: {errors[0]}" if errors else
+                   f"no record after the {cfg.kind} tasks ended (see "
+                   f"{executor.logging_dir.path})")
+            failures.extend(f"{unit.id}: {why}" for unit in remaining.values())
             return
         time.sleep(min(cfg.poll_s, 0.5) if cfg.kind == "ray" else cfg.poll_s)
 

@@ -8,13 +8,14 @@ members so that a large archive spreads over the workers.
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
-from pipeline.config import ExtractConfig, ForgeConfig, config_hash
+from pipeline.config import ExtractConfig, ForgeConfig
+from pipeline.contract import ProgressFn, Stage, Unit, UnitResult, run_stage
 from pipeline.documents import PartWriter, finish_document_stage
+from pipeline.files import WorkFolder, config_hash, safe_name
 from pipeline.readers import Doc, Drop, file_format, list_members, normalize_text, read_file
-from pipeline.stage import ProgressFn, Stage, StageError, Unit, UnitResult, read_json, safe_name
+from pipeline.registry import input_manifest
 
 _GUTENBERG_START = re.compile(
     r"^\*{3}\s*START OF (?:THE |THIS )?PROJECT GUTENBERG E-?BOOK.*$", re.I | re.M)
@@ -42,7 +43,7 @@ def extract_unit(payload: dict) -> UnitResult:
             if cfg.strip_gutenberg:
                 text = normalize_text(strip_gutenberg(text))
             if not text:
-                item = Drop(item.name, "empty")
+                item = Drop("empty", name=item.name)
         if isinstance(item, Drop):
             writer.drop(item.name, item.reason, item.detail)
             continue
@@ -87,22 +88,20 @@ def plan_units(cfg: ForgeConfig, files: list[dict], download_dir: Path,
     return units
 
 
+def extract_fingerprint(cfg: ForgeConfig) -> str:
+    return config_hash(cfg.data.extract, input_manifest(cfg, "extract")[1]["output_fingerprint"])
+
+
 def run_extract(cfg: ForgeConfig, progress: ProgressFn | None = None,
                 overwrite: bool = False) -> dict:
-    workdir = Path(cfg.workdir)
-    upstream = workdir / "download" / "manifest.json"
-    if not upstream.exists():
-        raise StageError(f"extract needs the download stage's output ({upstream} is missing); "
-                         "run `forge download` first, or `forge prepare`")
-    download = read_json(upstream)
-    folder = workdir / "extract"
-    stage = Stage("extract", folder, config_hash(cfg.data.extract, download["output_fingerprint"]))
-    if manifest := stage.finished_manifest():
-        return manifest
-    stage.claim(overwrite)
-    started = time.perf_counter()
-    (folder / "docs").mkdir(parents=True, exist_ok=True)
-    units = plan_units(cfg, download["files"], workdir / "download", folder)
-    records = stage.run_units(units, extract_unit, cfg.workers, progress,
-                                 executor=cfg.executor)
-    return finish_document_stage(stage, records, download["output_fingerprint"], started)
+    download_dir, download = input_manifest(cfg, "extract")
+
+    def work(stage: Stage) -> dict:
+        (stage.folder / "docs").mkdir(parents=True, exist_ok=True)
+        units = plan_units(cfg, download["files"], download_dir, stage.folder)
+        records = stage.run_units(units, extract_unit, cfg.workers, progress,
+                                  executor=cfg.executor)
+        return finish_document_stage(stage, records, download["output_fingerprint"])
+
+    return run_stage("extract", WorkFolder(cfg.workdir).stage("extract"),
+                     extract_fingerprint(cfg), overwrite, work)

@@ -22,6 +22,8 @@ from typing import IO
 
 import zstandard
 
+from pipeline.documents import Drop
+
 COMPRESSIONS = (".gz", ".zst", ".bz2", ".xz")
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst"}
 JSON_SUFFIXES = {".jsonl", ".json", ".ndjson"}
@@ -41,13 +43,6 @@ class Doc:
     url: str | None = None
     meta: dict = field(default_factory=dict)
     repairs: list[str] = field(default_factory=list)  # what was fixed on the way, counted
-
-
-@dataclass
-class Drop:
-    name: str
-    reason: str
-    detail: str = ""
 
 
 def file_format(name: str) -> tuple[str, str | None]:
@@ -91,9 +86,9 @@ def open_decompressed(raw: IO[bytes], compression: str | None) -> IO[bytes]:
 def decode_text(data: bytes, name: str, max_bytes: int) -> Doc | Drop:
     """Bytes to text with the checks every document goes through."""
     if len(data) > max_bytes:
-        return Drop(name, "too_large", f"{len(data)} bytes > {max_bytes}")
+        return Drop("too_large", f"{len(data)} bytes > {max_bytes}", name=name)
     if b"\x00" in data[:8192]:
-        return Drop(name, "binary")
+        return Drop("binary", name=name)
     try:
         text = data.decode("utf-8")
         repaired = 0
@@ -101,7 +96,7 @@ def decode_text(data: bytes, name: str, max_bytes: int) -> Doc | Drop:
         text = data.decode("utf-8", errors="replace")
         repaired = text.count("\ufffd")
         if repaired > max(1, len(text) // 100):  # over 1% bad bytes: not UTF-8 text at all
-            return Drop(name, "invalid_utf8", f"{repaired} undecodable bytes")
+            return Drop("invalid_utf8", f"{repaired} undecodable bytes", name=name)
     return Doc(name, text, repairs=["utf8_replaced"] if repaired else [])
 
 
@@ -126,13 +121,13 @@ def read_file(path: str, max_bytes: int, text_field: str = "text",
             else:
                 yield from read_stream(raw, name, fmt, compression, max_bytes, text_field)
     except OSError as e:
-        yield Drop(name, "unreadable_file", str(e))
+        yield Drop("unreadable_file", str(e), name=name)
 
 
 def read_stream(raw: IO[bytes], name: str, fmt: str, compression: str | None, max_bytes: int,
                 text_field: str) -> Iterator[Doc | Drop]:
     if fmt == "unknown":
-        yield Drop(name, "unsupported_format")
+        yield Drop("unsupported_format", name=name)
         return
     stream = open_decompressed(raw, compression)
     if fmt == "jsonl":
@@ -145,10 +140,10 @@ def read_stream(raw: IO[bytes], name: str, fmt: str, compression: str | None, ma
         try:
             data = stream.read(max_bytes + 1)
         except CORRUPT_STREAM as e:
-            yield Drop(name, "corrupt_compression", str(e))
+            yield Drop("corrupt_compression", str(e), name=name)
             return
         if not data:
-            yield Drop(name, "empty")
+            yield Drop("empty", name=name)
             return
         doc = decode_text(data, name, max_bytes)
         if isinstance(doc, Doc) and fmt == "html":
@@ -162,7 +157,7 @@ def html_to_text(html: bytes, name: str, url: str | None = None) -> Doc | Drop:
     text = trafilatura.extract(html, url=url, include_comments=False, include_tables=True,
                                deduplicate=False, favor_precision=False)
     if not text:
-        return Drop(name, "no_extractable_text")
+        return Drop("no_extractable_text", name=name)
     return Doc(name, text, url=url)
 
 
@@ -176,23 +171,23 @@ def _read_jsonl(stream: IO[bytes], name: str, max_bytes: int,
                 continue
             yield _json_record(line, f"{name}#{number}", max_bytes, text_field)
     except CORRUPT_STREAM as e:
-        yield Drop(f"{name}#{number + 1}", "truncated_archive", str(e))
+        yield Drop("truncated_archive", str(e), name=f"{name}#{number + 1}")
 
 
 def _json_record(line: bytes, name: str, max_bytes: int, text_field: str) -> Doc | Drop:
     if len(line) > max_bytes:
-        return Drop(name, "too_large")
+        return Drop("too_large", name=name)
     try:
         record = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return Drop(name, "malformed_json", str(e)[:200])
+        return Drop("malformed_json", str(e)[:200], name=name)
     if not isinstance(record, dict):
-        return Drop(name, "malformed_json", "record is not an object")
+        return Drop("malformed_json", "record is not an object", name=name)
     if text_field not in record or record[text_field] is None:
-        return Drop(name, "missing_text")
+        return Drop("missing_text", name=name)
     text = record[text_field]
     if not isinstance(text, str):
-        return Drop(name, "non_string_text", type(text).__name__)
+        return Drop("non_string_text", type(text).__name__, name=name)
     metadata = record.get("metadata") if isinstance(record.get("metadata"), dict) else {}
     url = record.get("url") or metadata.get("url")
     record_id = record.get("id")
@@ -209,22 +204,22 @@ def _read_parquet(stream: IO[bytes], name: str, max_bytes: int,
     try:
         table = pq.ParquetFile(stream)
         if text_field not in table.schema_arrow.names:
-            yield Drop(name, "missing_text", f"no column {text_field!r}")
+            yield Drop("missing_text", f"no column {text_field!r}", name=name)
             return
         row = 0
         for batch in table.iter_batches(columns=[text_field]):
             for text in batch.column(0).to_pylist():
                 row += 1
                 if text is None:
-                    yield Drop(f"{name}#{row}", "missing_text")
+                    yield Drop("missing_text", name=f"{name}#{row}")
                 elif not isinstance(text, str):
-                    yield Drop(f"{name}#{row}", "non_string_text", type(text).__name__)
+                    yield Drop("non_string_text", type(text).__name__, name=f"{name}#{row}")
                 elif len(text.encode()) > max_bytes:
-                    yield Drop(f"{name}#{row}", "too_large")
+                    yield Drop("too_large", name=f"{name}#{row}")
                 else:
                     yield Doc(f"{name}#{row}", text)
     except Exception as e:  # noqa: BLE001 - pyarrow raises many types for a bad file
-        yield Drop(name, "corrupt_parquet", str(e)[:200])
+        yield Drop("corrupt_parquet", str(e)[:200], name=name)
 
 
 def _read_warc(stream: IO[bytes], name: str, max_bytes: int) -> Iterator[Doc | Drop]:
@@ -242,8 +237,8 @@ def _read_warc(stream: IO[bytes], name: str, max_bytes: int) -> Iterator[Doc | D
             rec_name = f"{name}#{number}"
             data = record.content_stream().read(max_bytes + 1)
             if len(data) <= max_bytes and getattr(record.raw_stream, "limit", 0) > 0:
-                yield Drop(rec_name, "truncated_warc_record", f"{record.raw_stream.limit} "
-                           "bytes missing")
+                yield Drop("truncated_warc_record", f"{record.raw_stream.limit} "
+                           "bytes missing", name=rec_name)
                 continue
             if kind == "conversion":
                 doc = decode_text(data, rec_name, max_bytes)
@@ -254,15 +249,15 @@ def _read_warc(stream: IO[bytes], name: str, max_bytes: int) -> Iterator[Doc | D
             mime = (record.http_headers.get_header("Content-Type") or ""
                     if record.http_headers else "")
             if "html" not in mime.lower():
-                yield Drop(rec_name, "non_html_response", mime[:60])
+                yield Drop("non_html_response", mime[:60], name=rec_name)
             elif len(data) > max_bytes:
-                yield Drop(rec_name, "too_large")
+                yield Drop("too_large", name=rec_name)
             elif not data.strip():
-                yield Drop(rec_name, "empty")
+                yield Drop("empty", name=rec_name)
             else:
                 yield html_to_text(data, rec_name, url)
     except Exception as e:  # noqa: BLE001 - warcio raises many types for a broken record
-        yield Drop(f"{name}#{number + 1}", "corrupt_warc_record", str(e)[:200])
+        yield Drop("corrupt_warc_record", str(e)[:200], name=f"{name}#{number + 1}")
 
 
 # ---------------------------------------------------------------- archives
@@ -320,21 +315,21 @@ def _read_archive(raw: IO[bytes], fmt: str, path: str, max_bytes: int, text_fiel
                 return
             name = f"{archive_name}/{member}"
             if not _safe_member(member):
-                yield Drop(name, "unsafe_member_path", member)
+                yield Drop("unsafe_member_path", member, name=name)
                 continue
             member_fmt, compression = file_format(member)
             if member_fmt in ("zip", "tar"):
-                yield Drop(name, "nested_archive")
+                yield Drop("nested_archive", name=name)
                 continue
             try:
                 data = read()
             except CORRUPT_STREAM as e:
-                yield Drop(name, "corrupt_compression", str(e)[:200])
+                yield Drop("corrupt_compression", str(e)[:200], name=name)
                 continue
             yield from read_stream(io.BytesIO(data), name, member_fmt, compression, max_bytes,
                                    text_field)
     except CORRUPT_STREAM as e:
-        yield Drop(f"{archive_name}#{index + 1}", "truncated_archive", str(e)[:200])
+        yield Drop("truncated_archive", str(e)[:200], name=f"{archive_name}#{index + 1}")
 
 
 def _archive_entries(path: str, fmt: str) -> Iterator[tuple[str, callable]]:

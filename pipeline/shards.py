@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.files import commit
+
 FORMAT = "forge-token-shards"
 FORMAT_VERSION = 1
 TOKEN_DTYPE = np.dtype("<u2")
@@ -74,20 +76,10 @@ def write_shard(dataset: Path, staging: Path, split: str, name: str, tokens: np.
         tmp = staging / f"{tag}-{final.parent.name}"
         shutil.rmtree(tmp, ignore_errors=True)
         _raw_array(tmp, data, attrs)
-        _fsync_tree(tmp)
         final.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(final, ignore_errors=True)  # left by a run killed before its record
-        os.replace(tmp, final)
+        commit(tmp, final)
     return info
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*"), reverse=True):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def fingerprint(shards: list[dict]) -> str:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.files import WorkFolder, read_json
+from pipeline.registry import STAGE_NAMES
 from pipeline.shards import SPLITS, TokenDataset
-
-STAGE_ORDER = ("download", "extract", "filter", "dedupe", "decontaminate", "tokenize")
 
 
 def length_summary(lengths: np.ndarray) -> dict:
@@ -69,11 +68,11 @@ def dataset_stats(path: Path) -> dict:
 def stage_stats(workdir: Path) -> list[dict]:
     """Per stage: documents in, out, dropped by reason, time; from the stage manifests."""
     rows = []
-    for name in STAGE_ORDER:
-        manifest_path = workdir / name / "manifest.json"
+    for name in STAGE_NAMES:
+        manifest_path = WorkFolder(workdir).manifest(name)
         if not manifest_path.exists():
             continue
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_json(manifest_path)
         rows.append({
             "stage": name,
             "unit": manifest.get("count_unit", "docs"),

@@ -10,13 +10,16 @@ only on the seed and its id, so the result does not depend on the number of work
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import ForgeConfig, TokenizeConfig, config_hash
-from pipeline.documents import input_stage, read_part
+from pipeline.config import ForgeConfig, TokenizeConfig
+from pipeline.contract import ProgressFn, Stage, StageError, Unit, UnitResult, run_stage
+from pipeline.documents import read_part
+from pipeline.encoding import EOT_ID, VOCAB_SIZE, get_encoding
+from pipeline.files import WorkFolder, commit, config_hash, temp_path_for
+from pipeline.registry import input_manifest
 from pipeline.shards import (
     FORMAT,
     FORMAT_VERSION,
@@ -26,17 +29,6 @@ from pipeline.shards import (
     write_group_attributes,
 )
 from pipeline.shards import write_shard as write_shard_arrays
-from pipeline.stage import (
-    ProgressFn,
-    Stage,
-    StageError,
-    Unit,
-    UnitResult,
-    commit,
-    read_json,
-    temp_path_for,
-)
-from pipeline.tokenizer import EOT_ID, VOCAB_SIZE, get_encoding
 
 DOC_TABLE = np.dtype([("tokens", "<u4"), ("bytes", "<u8"), ("source", "<u2"), ("val", "u1"),
                       ("rank", "<f8")])
@@ -157,60 +149,63 @@ def write_shard(payload: dict) -> UnitResult:
 # ---------------------------------------------------------------- the stage
 
 
+def tokenize_fingerprint(cfg: ForgeConfig) -> str:
+    upstream = input_manifest(cfg, "tokenize")[1]
+    return config_hash(cfg.data.tokenize, upstream["output_fingerprint"])
+
+
 def run_tokenize(cfg: ForgeConfig, progress: ProgressFn | None = None,
                  overwrite: bool = False) -> dict:
-    workdir = Path(cfg.workdir)
-    docs_dir = input_stage(cfg, "tokenize")
-    upstream = read_json(docs_dir / "manifest.json")
-    folder = workdir / "tokenize"
+    docs_dir, upstream = input_manifest(cfg, "tokenize")
     tcfg = cfg.data.tokenize
-    stage = Stage("tokenize", folder, config_hash(tcfg, upstream["output_fingerprint"]))
-    if manifest := stage.finished_manifest():
-        return manifest
-    stage.claim(overwrite)
-    get_encoding(tcfg.vocab_dir)  # a missing vocabulary fails here, before any work
-    started = time.perf_counter()
-    units_dir = folder / "tokens"
-    units_dir.mkdir(exist_ok=True)
-    units = [
-        Unit(part["unit"], {
-            "docs_file": str(docs_dir / part["file"]),
-            "dest_prefix": str(units_dir / f"{part['unit']}."),
-            "tokenize": tcfg.model_dump(mode="json"),
-        })
-        for part in upstream["parts"]
-    ]
-    records = stage.run_units(units, tokenize_unit, cfg.workers, progress,
-                                 executor=cfg.executor)
-    loaded = [(u.id, np.load(units_dir / f"{u.id}.docs.npy"), records[u.id]["outputs"]["sources"])
-              for u in units]
-    plans = plan_shards(loaded, tcfg.shard_tokens, tcfg.val_fraction > 0)
-    if not plans:
-        raise StageError("tokenize: the input holds no document; check the sources and the "
-                         "drop counts of `forge stats`")
-    dataset, staging = folder / "dataset.zarr", folder / "staging"
-    staging.mkdir(exist_ok=True)
-    create_layout(dataset)
-    shard_stage = Stage("tokenize-shards", folder / "shards", stage.config_hash)
-    shard_records = shard_stage.run_units(
-        [Unit(f"{p['split']}-{p['name']}", {"plan": p, "units_dir": str(units_dir),
-                                             "dataset": str(dataset), "staging": str(staging)})
-         for p in plans],
-        # locally in this process: writing is memcpy and sha256, not worth another pool
-        write_shard, 1, progress, executor=cfg.executor,
-    )
-    shards = [r["outputs"]["shard"] for r in shard_records.values()]
-    attributes = dataset_attributes(shards, stage.config_hash)
-    write_group_attributes(dataset, attributes)
-    return stage.write_manifest(
-        records,
-        dataset="dataset.zarr",
-        input_stage=docs_dir.name,
-        input_fingerprint=upstream["output_fingerprint"],
-        output_fingerprint=attributes["fingerprint"],
-        splits=attributes["splits"],
-        wall_seconds=round(time.perf_counter() - started, 3),
-    )
+    work = WorkFolder(cfg.workdir)
+
+    def tokenize(stage: Stage) -> dict:
+        get_encoding(tcfg.vocab_dir)  # a missing vocabulary fails here, before any work
+        units_dir = stage.folder / "tokens"
+        units_dir.mkdir(exist_ok=True)
+        units = [
+            Unit(part["unit"], {
+                "docs_file": str(docs_dir / part["file"]),
+                "dest_prefix": str(units_dir / f"{part['unit']}."),
+                "tokenize": tcfg.model_dump(mode="json"),
+            })
+            for part in upstream["parts"]
+        ]
+        records = stage.run_units(units, tokenize_unit, cfg.workers, progress,
+                                  executor=cfg.executor)
+        loaded = [(u.id, np.load(units_dir / f"{u.id}.docs.npy"),
+                   records[u.id]["outputs"]["sources"]) for u in units]
+        plans = plan_shards(loaded, tcfg.shard_tokens, tcfg.val_fraction > 0)
+        if not plans:
+            raise StageError("tokenize: the input holds no document; check the sources and the "
+                             "drop counts of `forge stats`")
+        dataset, staging = work.dataset, stage.folder / "staging"
+        staging.mkdir(exist_ok=True)
+        create_layout(dataset)
+        shard_stage = Stage("tokenize-shards", stage.folder / "shards", stage.config_hash)
+        shard_records = shard_stage.run_units(
+            [Unit(f"{p['split']}-{p['name']}", {"plan": p, "units_dir": str(units_dir),
+                                                 "dataset": str(dataset),
+                                                 "staging": str(staging)})
+             for p in plans],
+            # locally in this process: writing is memcpy and sha256, not worth another pool
+            write_shard, 1, progress, executor=cfg.executor,
+        )
+        shards = [r["outputs"]["shard"] for r in shard_records.values()]
+        attributes = dataset_attributes(shards, stage.config_hash)
+        write_group_attributes(dataset, attributes)
+        return stage.write_manifest(
+            records,
+            dataset=dataset.name,
+            input_stage=docs_dir.name,
+            input_fingerprint=upstream["output_fingerprint"],
+            output_fingerprint=attributes["fingerprint"],
+            splits=attributes["splits"],
+        )
+
+    return run_stage("tokenize", work.stage("tokenize"), tokenize_fingerprint(cfg), overwrite,
+                     tokenize)
 
 
 def dataset_attributes(shards: list[dict], cfg_hash: str) -> dict:

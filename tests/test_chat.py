@@ -20,7 +20,7 @@ from test_finetune import ANSWER, taught_workdir
 from model.chat import Chat, GenerationSettings, chat_prompt, run_chat
 from model.gpt import GPT, GPTConfig
 from model.inference import format_prompt, load_model
-from pipeline.tokenizer import EOT_ID, get_encoding
+from pipeline.encoding import EOT_ID, get_encoding
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,6 +20,7 @@ import yaml
 from conftest import DATA, REPO, write_config
 
 from pipeline.config import ConfigError, load_config
+from pipeline.contract import StageError
 from pipeline.dedupe import (
     DedupeConfig,
     cluster_unit,
@@ -42,7 +43,6 @@ from pipeline.minhash import (
     words_of,
 )
 from pipeline.readers import Doc, normalize_text, read_file
-from pipeline.stage import StageError
 
 EDITIONS = ("pg11", "pg74", "pg84", "pg1342", "pg1661", "pg2701")
 

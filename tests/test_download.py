@@ -23,6 +23,7 @@ import pytest
 from conftest import DATA, forge, write_config
 
 from pipeline.config import DownloadConfig, ForgeConfig, SourceConfig, load_config
+from pipeline.contract import StageError
 from pipeline.download import (
     PermanentDownloadError,
     apply_mirror,
@@ -32,7 +33,6 @@ from pipeline.download import (
     source_kind,
     source_name,
 )
-from pipeline.stage import StageError
 
 BOOK = DATA / "books" / "pg11.txt.gz"
 BOOK_BYTES = BOOK.read_bytes()

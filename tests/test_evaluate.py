@@ -14,7 +14,7 @@ from conftest import DATA, VOCAB, forge, write_config
 
 from model.evaluate import detokenize_wikitext, hellaswag, hellaswag_items, perplexity
 from model.gpt import GPT, GPTConfig
-from pipeline.tokenizer import get_encoding
+from pipeline.encoding import get_encoding
 
 HELLASWAG = DATA / "eval" / "hellaswag_val_full.txt.bz2"
 

@@ -22,6 +22,7 @@ import yaml
 from conftest import DATA, VOCAB
 from test_loader import make_dataset
 
+from configs.run import load_training_section, validate_training_section
 from model.checkpoint import CheckpointError, CheckpointManager
 from model.config import PretrainConfig
 from model.finetune import (
@@ -35,19 +36,14 @@ from model.finetune import (
     run_finetune,
     token_f1,
 )
-from model.finetune_config import (
-    FinetuneConfig,
-    FinetuneConfigError,
-    load_finetune_config,
-    validate_finetune,
-)
+from model.finetune_config import FinetuneConfig, FinetuneConfigError
 from model.gpt import GPT, GPTConfig
 from model.inference import format_prompt, load_model, read_checkpoint, resolve_checkpoint
 from model.lora import LoRALinear, apply_lora, lora_state_dict, merge_lora
 from model.train import read_log, run_pretrain
 from pipeline.config import EvalSetConfig
+from pipeline.encoding import EOT_ID, get_encoding
 from pipeline.instructions import load_records, record_key, split_records
-from pipeline.tokenizer import EOT_ID, get_encoding
 
 REPO = Path(__file__).resolve().parents[1]
 INSTRUCT = DATA / "instruct" / "rasbt-instruction-data.json"
@@ -310,7 +306,7 @@ def test_scores() -> None:
 )
 def test_bad_config_is_refused(section: dict, needle: str) -> None:
     with pytest.raises(FinetuneConfigError, match=needle):
-        validate_finetune(section)
+        validate_training_section("finetune", section)
 
 
 def test_yaml_section_and_defaults(tmp_path: Path) -> None:
@@ -324,7 +320,7 @@ def test_yaml_section_and_defaults(tmp_path: Path) -> None:
             }
         )
     )
-    workdir, cfg = load_finetune_config(path)
+    workdir, cfg = load_training_section(path, "finetune")
     assert workdir == Path("runs/x") and cfg.vocab_dir == "v" and cfg.method == "lora"
     assert (
         cfg.lora.r == 4

@@ -27,8 +27,9 @@ from conftest import REPO, small_config
 from flows.common import artifact_prefix, resolve_config
 from flows.deployments import all_flows
 from flows.launcher import CommandError, run_command
-from flows.stages import prepare_stages, stage_cache_key
+from flows.stages import stage_cache_key
 from pipeline.config import ConfigError, load_config
+from pipeline.registry import prepare_stages
 from pipeline.shards import TokenDataset, verify
 from pipeline.stats import dataset_stats
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from model.gpt import GPT, PRESETS, GPTConfig, KVCache, sample_logits
-from pipeline.tokenizer import VOCAB_SIZE
+from pipeline.encoding import VOCAB_SIZE
 
 VOCAB = 512  # vocabulary of the "lively" model used by the generation tests
 

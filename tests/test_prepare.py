@@ -12,8 +12,8 @@ import zarr
 from conftest import forge, small_config
 
 from pipeline.documents import iter_documents
+from pipeline.encoding import EOT_ID, get_encoding
 from pipeline.shards import TokenDataset, chunk_file
-from pipeline.tokenizer import EOT_ID, get_encoding
 
 
 def decoded_documents(dataset: TokenDataset, split: str) -> list[str]:

@@ -23,6 +23,7 @@ import torch
 import yaml
 from test_loader import make_dataset
 
+from configs.run import load_training_section, validate_training_section
 from model.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -30,12 +31,7 @@ from model.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from model.config import (
-    PretrainConfig,
-    PretrainConfigError,
-    load_pretrain_config,
-    validate_pretrain,
-)
+from model.config import PretrainConfig, PretrainConfigError
 from model.data import ShardError
 from model.train import WarmupCosine, read_log, run_pretrain
 from pipeline.shards import chunk_file
@@ -105,7 +101,8 @@ def subprocess_env() -> dict[str, str]:
 
 def test_batch_that_does_not_divide_fails_naming_the_fields() -> None:
     with pytest.raises(PretrainConfigError) as info:
-        validate_pretrain({"preset": "small", "micro_batch_size": 8, "total_batch_tokens": 3000})
+        validate_training_section(
+            "pretrain", {"preset": "small", "micro_batch_size": 8, "total_batch_tokens": 3000})
     message = str(info.value)
     assert "total_batch_tokens" in message and "micro_batch_size" in message and "2048" in message
     cfg = PretrainConfig(preset="small", micro_batch_size=8, total_batch_tokens=4096)
@@ -127,7 +124,7 @@ def test_batch_that_does_not_divide_fails_naming_the_fields() -> None:
 )
 def test_bad_config_is_refused(section: dict, needle: str) -> None:
     with pytest.raises(PretrainConfigError, match=needle):
-        validate_pretrain(section)
+        validate_training_section("pretrain", section)
 
 
 def test_yaml_section_and_defaults(tmp_path: Path) -> None:
@@ -141,7 +138,7 @@ def test_yaml_section_and_defaults(tmp_path: Path) -> None:
             }
         )
     )
-    workdir, cfg = load_pretrain_config(path)
+    workdir, cfg = load_training_section(path, "pretrain")
     assert workdir == Path("runs/x") and cfg.max_steps == 5 and cfg.vocab_dir == "v"
     assert cfg.dataset_path(workdir) == Path("runs/x/tokenize/dataset.zarr")
     assert cfg.gpt_config(50257).block_size == 256 and cfg.gpt_config(50257).n_layer == 4
@@ -358,7 +355,8 @@ def test_killed_run_resumes_with_identical_losses(
         name: [
             sys.executable,
             "-m",
-            "model.train",
+            "cli.main",
+            "pretrain",
             "--config",
             str(write_yaml(tmp_path / f"{name}.yaml", workdir, cfg)),
         ]
@@ -474,7 +472,8 @@ def test_torchrun_matches_one_process(dataset: Path, tmp_path: Path) -> None:
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     run_pretrain(cfg, single)
     result = torchrun(
-        "-m", "model.train", "--config", str(write_yaml(tmp_path / "ddp.yaml", ddp, cfg))
+        "-m", "cli.main", "pretrain", "--config",
+        str(write_yaml(tmp_path / "ddp.yaml", ddp, cfg)),
     )
     summary = json.loads(result.stdout[result.stdout.index("{") :])
     assert summary["world_size"] == 2

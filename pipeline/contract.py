@@ -8,14 +8,10 @@ here, after the outputs, so a unit is either complete and recorded or absent.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import re
-import tempfile
+import shutil
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -24,131 +20,17 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.files import MANIFEST, atomic_write_json, read_json
+from pipeline.units import ProgressFn, Unit, UnitFn, UnitResult, run_and_record
+
 if TYPE_CHECKING:
     from pipeline.config import ExecutorConfig
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-
 
 class StageError(RuntimeError):
     """A stage could not finish; the message says why and what to do."""
-
-
-# ---------------------------------------------------------------- atomic files
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def temp_path_for(final: Path) -> Path:
-    """A unique sibling name: concurrent writers (an orphaned worker, a rerun) never collide."""
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    return Path(name)
-
-
-def commit(tmp: Path, final: Path) -> None:
-    """fsync `tmp` (file or folder) and rename it over `final`."""
-    if tmp.is_file():
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
-
-
-def atomic_write_bytes(final: Path, data: bytes) -> None:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(final)
-    tmp.write_bytes(data)
-    commit(tmp, final)
-
-
-def atomic_write_json(final: Path, obj: Any) -> None:
-    atomic_write_bytes(final, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def safe_name(text: str, limit: int = 120) -> str:
-    """A file name that cannot escape its folder: no separators, no leading dots."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "unnamed"
-    if len(name) > limit:
-        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-        name = f"{name[: limit - 13]}-{digest}"
-    return name
-
-
-# ---------------------------------------------------------------- units
-
-
-@dataclass
-class UnitResult:
-    """What one unit did: the document accounting plus stage-specific outputs."""
-
-    docs_in: int = 0
-    docs_out: int = 0
-    dropped: Counter = field(default_factory=Counter)
-    repaired: Counter = field(default_factory=Counter)  # kept, but changed: counted too
-    bytes_in: int = 0
-    bytes_out: int = 0
-    outputs: dict[str, Any] = field(default_factory=dict)
-
-    def drop(self, reason: str, n: int = 1) -> None:
-        self.docs_in += n
-        self.dropped[reason] += n
-
-    def keep(self, n: int = 1) -> None:
-        self.docs_in += n
-        self.docs_out += n
-
-    def to_json(self) -> dict:
-        return {
-            "docs_in": self.docs_in,
-            "docs_out": self.docs_out,
-            "dropped": dict(sorted(self.dropped.items())),
-            "repaired": dict(sorted(self.repaired.items())),
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "outputs": self.outputs,
-        }
-
-
-@dataclass(frozen=True)
-class Unit:
-    id: str  # file-name safe, unique within the stage, sorts in output order
-    payload: dict
-
-
-UnitFn = Callable[[dict], UnitResult]
-ProgressFn = Callable[[int, int], None]
-
-
-def run_and_record(fn: UnitFn, unit: Unit, record: str) -> dict:
-    """Run one unit and commit its record: the unit's outputs are already committed by `fn`."""
-    start = time.perf_counter()
-    result = fn(unit.payload).to_json()
-    result["seconds"] = round(time.perf_counter() - start, 4)
-    # Crash tests widen the window between a unit's outputs and its record with this.
-    time.sleep(float(os.environ.get("FORGE_TEST_UNIT_DELAY", "0")))
-    atomic_write_json(Path(record), result)
-    return result
 
 
 @dataclass
@@ -158,6 +40,7 @@ class Stage:
     name: str
     folder: Path
     config_hash: str
+    started: float = field(default_factory=time.perf_counter)  # for the manifest's wall time
 
     @property
     def manifest_path(self) -> Path:
@@ -186,8 +69,6 @@ class Stage:
                 )
             return
         if overwrite and self.folder.exists():
-            import shutil
-
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(state, {"stage": self.name, "config_hash": self.config_hash})
@@ -223,7 +104,7 @@ class Stage:
         else:
             from pipeline.executors import execute_distributed
 
-            finished = execute_distributed(self, fn, jobs, executor, failures)
+            finished = execute_distributed(self.name, self.folder, fn, jobs, executor, failures)
         for _ in finished:
             done += 1
             _maybe_fail_for_test(self.name, done)
@@ -251,10 +132,23 @@ class Stage:
             "units": len(records),
             "unit_seconds": round(sum(r.get("seconds", 0.0) for r in records.values()), 3),
             **{k: v for k, v in total.to_json().items() if k != "outputs"},
+            "wall_seconds": round(time.perf_counter() - self.started, 3),
             **extra,
         }
         atomic_write_json(self.manifest_path, manifest)
         return manifest
+
+
+def run_stage(name: str, folder: Path, config_hash: str, overwrite: bool,
+              work: Callable[[Stage], dict]) -> dict:
+    """What every stage does first, then its `work`: a finished run with the same config hash
+    returns its manifest; otherwise the folder is claimed for this config and `work(stage)`
+    runs the units and writes the manifest (resuming committed units)."""
+    stage = Stage(name, folder, config_hash)
+    if manifest := stage.finished_manifest():
+        return manifest
+    stage.claim(overwrite)
+    return work(stage)
 
 
 def _execute_locally(fn: UnitFn, jobs: list[tuple[Unit, str]], workers: int,

@@ -32,7 +32,8 @@ from pipeline.config import (
     validate_config,
 )
 from pipeline.documents import iter_documents
-from pipeline.quality import (
+from pipeline.files import read_json
+from pipeline.filter import (
     C4LineFilter,
     C4Quality,
     FineWebQuality,
@@ -47,7 +48,6 @@ from pipeline.quality import (
     run_filter,
 )
 from pipeline.readers import html_to_text, normalize_text, read_file
-from pipeline.stage import read_json
 
 STORY = (DATA / "books" / "the-verdict.txt").read_text()
 PROSE = STORY[:6000].rsplit("\n", 1)[0]  # a few paragraphs of a real short story

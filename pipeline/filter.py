@@ -13,7 +13,6 @@ relax the rules that misfire on them (bench/filter_report.py measures what each 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import ipaddress
 import json
@@ -27,9 +26,9 @@ from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 from datatrove.utils.text import PUNCTUATION, TERMINAL_PUNCTUATION
-from pydantic import ValidationError
 
 from pipeline.config import (
+    PRESETS,
     C4Rules,
     FilterConfig,
     FilterRules,
@@ -38,79 +37,8 @@ from pipeline.config import (
     GopherQualityRules,
     GopherRepetitionRules,
 )
-from pipeline.documents import PartWriter, read_part, run_map_stage
-from pipeline.stage import ProgressFn, UnitResult
-
-# ---------------------------------------------------------------- per-source settings
-
-# Named override sets for `per_source: {NAME: {preset: ...}}`; measured in
-# bench/results/filter_report.md. Further keys next to `preset` override these.
-PRESETS: dict[str, dict[str, Any]] = {
-    # Books and other long-form prose (Gutenberg text and HTML, speeches).
-    "books": {
-        # Gutenberg text is hard-wrapped at ~70 columns: judge paragraphs, not the wrap.
-        "unwrap_lines": True,
-        # Gopher's 100k-word cap is for web pages; a novel is 50k-300k words.
-        "gopher_quality": {"max_words": None},
-        # Speaker names in plays, refrains in verse and "* * *" are short repeated elements;
-        # Gopher's character fractions (at the published caps) still catch real repetition.
-        "gopher_repetition": {"max_dup_para_frac": None, "max_dup_line_frac": None},
-        "fineweb": {"max_dup_line_char_ratio": None},
-        # Never cut lines out of a book; a "{" there is a footnote or verse-number mark.
-        "c4": {"remove_lines": False, "drop_curly_bracket": False},
-    },
-    # Documentation with code samples (the Python docs).
-    "docs": {
-        # Code lowers fastText's English score (API reference pages score 0.6 to 0.65);
-        # below 0.4 are index pages, which other rules drop too.
-        "language_threshold": 0.4,
-        # Operator tables and signatures: fewer words with letters than prose.
-        "gopher_quality": {"min_alpha_words_ratio": 0.7},
-        # API references repeat their formulas per function ("Return value: New reference."),
-        # code repeats "}" and "return NULL;": twice the published n-gram caps, and the
-        # duplicate-line share judged by characters (0.2) rather than by lines.
-        "gopher_repetition": {"max_dup_line_frac": None, "max_dup_ngram_char_frac": {
-            5: 0.30, 6: 0.28, 7: 0.26, 8: 0.24, 9: 0.22, 10: 0.20}},
-        # Code has braces and short lines; keep samples whole.
-        "c4": {"remove_lines": False, "drop_curly_bracket": False},
-        # Code lines end without punctuation and repeat (">>> parser.print_help()");
-        # Gopher's duplicate-line caps (0.3 of lines, 0.2 of characters) still apply.
-        "fineweb": {"min_line_punct_ratio": None, "max_dup_line_char_ratio": None},
-    },
-}
-
-
-def _deep_merge(base: dict, overrides: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def resolve_rules(base: dict, overrides: dict, source: str = "?") -> FilterRules:
-    """`base` (FilterRules fields) plus a source's overrides (an optional `preset` first)."""
-    overrides = dict(overrides or {})
-    preset = overrides.pop("preset", None)
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ValueError(f"per_source.{source}.preset: unknown preset {preset!r}; "
-                             f"choose one of {sorted(PRESETS)}")
-        overrides = _deep_merge(PRESETS[preset], overrides)
-    try:
-        return FilterRules.model_validate(_deep_merge(base, overrides))
-    except ValidationError as e:
-        problems = []
-        for item in e.errors():
-            where = ".".join(str(p) for p in item["loc"])
-            if item["type"] == "extra_forbidden":
-                problems.append(f"unknown field '{where}'; check its spelling")
-            else:
-                problems.append(f"'{where}' {item['msg'].lower()}")
-        raise ValueError(f"per_source.{source}: {'; '.join(problems)}") from None
-
+from pipeline.contract import ProgressFn, UnitResult
+from pipeline.documents import Drop, PartWriter, map_stage_fingerprint, read_part, run_map_stage
 
 # ---------------------------------------------------------------- shared text statistics
 
@@ -204,11 +132,6 @@ def duplicates(items: list[str]) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------- rules
-
-
-class Drop(NamedTuple):
-    reason: str  # "<rule group>:<what>", the key of the stage manifest's `dropped`
-    detail: str  # the measured value, for the drop examples
 
 
 class Rule:
@@ -687,8 +610,14 @@ def rules_fingerprint(cfg: FilterConfig) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def filter_fingerprint(cfg: ForgeConfig) -> str:
+    """The filter section, its input and `rules_fingerprint`: what decides the output."""
+    return map_stage_fingerprint(cfg, "filter", cfg.data.filter,
+                                 rules_fingerprint(cfg.data.filter))
+
+
 def run_filter(cfg: ForgeConfig, progress: ProgressFn | None = None,
                overwrite: bool = False) -> dict:
     """The filter stage: every part of the previous document stage, filtered per source."""
-    return run_map_stage(cfg, "filter", cfg.data.filter, filter_unit, progress, overwrite,
-                         extra_hash=rules_fingerprint(cfg.data.filter))
+    return run_map_stage(cfg, "filter", cfg.data.filter, filter_fingerprint(cfg), filter_unit,
+                         progress, overwrite)
