@@ -269,6 +269,32 @@ def test_cache_keys_follow_the_stage_config_its_input_and_the_work_folder(tmp_pa
     assert key("extract") != extract
 
 
+def test_the_filter_cache_key_is_the_filter_stage_s_own_hash_rules_included(tmp_path: Path
+                                                                           ) -> None:
+    """Changing a filter rule changes the flow's cache key exactly as it changes the config
+    hash the filter stage runs under, so the flow reruns the filter; the same config keeps
+    both (and the manifest the stage wrote carries that hash)."""
+    from pipeline.filter import filter_fingerprint, run_filter
+    from pipeline.registry import stage_function
+
+    cfg = load_config(small_config(tmp_path / "c.yaml", tmp_path / "work"))
+    for name in ("download", "extract"):
+        stage_function(name)(cfg)
+
+    def key(config) -> str | None:
+        return stage_cache_key(None, {"name": "filter", "config": config})
+
+    manifest = run_filter(cfg)
+    assert manifest["config_hash"] == filter_fingerprint(cfg) and key(cfg) == key(cfg)
+    stricter = cfg.model_copy(deep=True)
+    stricter.data.filter.gopher_quality.min_words = 80
+    assert filter_fingerprint(stricter) != manifest["config_hash"]
+    assert key(stricter) != key(cfg)  # the flow's cache misses: the filter runs again
+    rerun = run_filter(stricter, overwrite=True)
+    assert rerun["config_hash"] == filter_fingerprint(stricter)
+    assert rerun["dropped"] != manifest["dropped"] or rerun["docs_out"] <= manifest["docs_out"]
+
+
 # ---------------------------------------------------------------- data stages through the UI
 
 
