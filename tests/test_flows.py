@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import REPO, small_config
+from conftest import DATA, REPO, small_config
 
 from flows.common import artifact_prefix, resolve_config
 from flows.deployments import all_flows
@@ -464,7 +464,8 @@ TINY_PRETRAIN = dict(preset="tiny", block_size=64, micro_batch_size=4, total_bat
                      device="cpu")
 
 
-TINY_FINETUNE = dict(max_steps=3, micro_batch_size=4, eval_every=0, checkpoint_every=0,
+TINY_FINETUNE = dict(data=[str(DATA / "instruct" / "rasbt-instruction-data.json")],
+                     max_steps=3, micro_batch_size=4, eval_every=0, checkpoint_every=0,
                      num_threads=1, test_limit=2, test_max_new_tokens=8, device="cpu")
 
 
