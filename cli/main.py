@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     from cli import assistant  # finetune, chat, import-gpt2, export
 
     assistant.register(commands, common)
+
+    from cli import classifier  # train-classifier
+
+    classifier.register(commands, common)
     return parser
 
 
