@@ -324,3 +324,70 @@ def top_fraction_cutoff(scores: list[float], fraction: float) -> float:
         return 0.0
     keep = max(1, math.ceil(fraction * len(scores)))
     return float(sorted(scores, reverse=True)[keep - 1])
+
+
+# ---------------------------------------------------------------- what the filter reports
+
+EXAMPLES = 3  # per end of the score range, per source
+EXAMPLE_CHARS = 300
+
+
+class ScoreLog:
+    """The scores of one unit's documents per source: a histogram, the kept count, and the
+    documents at the top, the middle (nearest 0.5) and the bottom of the score range."""
+
+    def __init__(self) -> None:
+        self.sources: dict[str, dict] = {}
+
+    def add(self, source: str, doc_id: str, text: str, score: float, kept: bool) -> None:
+        row = self.sources.setdefault(source, {"docs": 0, "kept": 0, "sum": 0.0,
+                                               "histogram": [0] * HISTOGRAM_BINS,
+                                               "examples": []})
+        row["docs"] += 1
+        row["kept"] += kept
+        row["sum"] += score
+        row["histogram"][min(int(score * HISTOGRAM_BINS), HISTOGRAM_BINS - 1)] += 1
+        row["examples"].append({"id": doc_id, "score": round(score, 4),
+                                "text": " ".join(text[:EXAMPLE_CHARS].split())})
+        row["examples"] = pick_examples(row["examples"], flat=True)
+
+    def to_json(self) -> dict:
+        return self.sources
+
+
+def pick_examples(examples: list[dict], flat: bool = False) -> list[dict] | dict:
+    """The top, middle (nearest 0.5) and bottom `EXAMPLES` by score (ties by id); `flat`
+    returns them as one list (what a unit keeps), else by position (what reports show)."""
+    by_score = sorted(examples, key=lambda e: (-e["score"], e["id"]))
+    picked = {
+        "top": by_score[:EXAMPLES],
+        "middle": sorted(examples, key=lambda e: (abs(e["score"] - 0.5), e["id"]))[:EXAMPLES],
+        "bottom": by_score[::-1][:EXAMPLES],
+    }
+    if not flat:
+        picked["middle"].sort(key=lambda e: -e["score"])
+        return picked
+    seen: dict[str, dict] = {}
+    for group in picked.values():
+        seen.update((e["id"], e) for e in group)
+    return list(seen.values())
+
+
+def merge_score_logs(logs: list[dict], cutoffs: dict[str, float]) -> dict:
+    """One summary per source from the units' ScoreLogs, in unit order."""
+    merged: dict[str, dict] = {}
+    for log in logs:
+        for source, row in log.items():
+            into = merged.setdefault(source, {"docs": 0, "kept": 0, "sum": 0.0,
+                                              "histogram": [0] * HISTOGRAM_BINS, "examples": []})
+            into["docs"] += row["docs"]
+            into["kept"] += row["kept"]
+            into["sum"] += row["sum"]
+            into["histogram"] = [a + b for a, b in zip(into["histogram"], row["histogram"],
+                                                       strict=True)]
+            into["examples"].extend(row["examples"])
+    return {source: {"docs": row["docs"], "kept": row["kept"],
+                     "mean": round(row["sum"] / max(row["docs"], 1), 4),
+                     "cutoff": cutoffs.get(source), "histogram": row["histogram"],
+                     "examples": pick_examples(row["examples"])}
+            for source, row in sorted(merged.items())}

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import DATA
+import yaml
+from conftest import DATA, forge, write_config
 
 from pipeline.classifier import (
     NEGATIVE,
@@ -17,7 +18,9 @@ from pipeline.classifier import (
     top_fraction_cutoff,
     train_classifier,
 )
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, load_config
+from pipeline.documents import iter_documents
+from pipeline.filter import run_filter
 
 POSITIVE_SOURCES = [str(DATA / "instruct" / "rasbt-instruction-data.json"),
                     str(DATA / "books" / "pg11*.txt.gz")]
@@ -77,3 +80,75 @@ def test_top_fraction_cutoff_keeps_the_top() -> None:
 def test_training_refuses_missing_sources(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="matches no file"):
         train_classifier([str(tmp_path / "none*.txt")], NEGATIVE_SOURCES, tmp_path / "m.bin")
+
+
+# ---------------------------------------------------------------- the filter's classify step
+
+RULES_OFF = {"language": None, "gopher_repetition": {"enabled": False},
+             "gopher_quality": {"enabled": False}, "c4": {"enabled": False},
+             "fineweb": {"enabled": False}, "mask_pii": False}
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Held-out books (none trained on) and web pages, extracted by the real command."""
+    root = tmp_path_factory.mktemp("scored")
+    sources = [{"name": "books", "uri": str(DATA / "books" / f"{b}.txt.gz")}
+               for b in ("pg1342", "pg84", "pg2701", "pg5827", "pg74")]
+    sources += [{"name": "web", "uri": str(DATA / "webdocs" / "*.gz")},
+                {"name": "web", "uri": str(DATA / "warc" / "dolma-sample-0000.warc.gz")}]
+    config = write_config(root / "config.yaml", root / "work", sources)
+    forge("download", "--config", str(config), "--quiet")
+    forge("extract", "--config", str(config), "--quiet")
+    return config
+
+
+def _filter(config: Path, workdir: Path, classifier: dict, **per_source) -> dict:
+    import shutil
+
+    shutil.copytree(Path(yaml.safe_load(config.read_text())["workdir"]) / "extract",
+                    workdir / "extract")
+    section = {**RULES_OFF, "classifier": classifier, "per_source": per_source}
+    cfg = load_config(config, {"workdir": str(workdir), "data.filter": section})
+    return run_filter(cfg)
+
+
+def test_the_filter_keeps_and_drops_by_the_score(trained: tuple[Path, dict], extracted: Path,
+                                                 tmp_path: Path) -> None:
+    model, _ = trained
+    manifest = _filter(extracted, tmp_path, {"model": str(model), "threshold": 0.5})
+    kept = list(iter_documents(tmp_path / "filter"))
+    dropped = manifest["dropped"]
+    assert set(dropped) == {"classifier:below_threshold"}  # the other rules are off
+    assert manifest["docs_in"] == len(kept) + dropped["classifier:below_threshold"]
+    assert all(d["meta"]["quality_score"] >= 0.5 for d in kept)
+    assert {d["source"] for d in kept} == {"books", "web"}
+    # Novels score 0.77-0.85 with this small model; Russell's philosophy (pg5827) 0.24.
+    assert sum(d["source"] == "books" for d in kept) >= 4
+    scores = manifest["scores"]
+    assert sum(s["docs"] - s["kept"] for s in scores.values()) == \
+        dropped["classifier:below_threshold"]
+    assert sum(scores["web"]["histogram"]) == scores["web"]["docs"]
+    assert scores["books"]["mean"] > scores["web"]["mean"]
+    examples = scores["web"]["examples"]
+    assert examples["top"][0]["score"] >= examples["middle"][0]["score"] >= \
+        examples["bottom"][0]["score"]
+    assert examples["bottom"][0]["score"] < 0.5 <= examples["top"][0]["score"]
+    drop = manifest["drop_examples"]["classifier:below_threshold"][0]
+    assert drop.endswith(" < 0.5000")
+
+
+def test_the_filter_keeps_a_top_fraction_per_source(trained: tuple[Path, dict],
+                                                    extracted: Path, tmp_path: Path) -> None:
+    model, _ = trained
+    manifest = _filter(extracted, tmp_path, {"model": str(model), "top_fraction": 0.25},
+                       books={"classifier": None})
+    kept = list(iter_documents(tmp_path / "filter"))
+    web_in = manifest["scores"]["web"]["docs"]
+    web_kept = [d for d in kept if d["source"] == "web"]
+    assert len(web_kept) == manifest["scores"]["web"]["kept"] == -(-web_in // 4)  # ceil
+    cutoff = manifest["scores"]["web"]["cutoff"]
+    assert min(d["meta"]["quality_score"] for d in web_kept) >= round(cutoff, 4)
+    assert manifest["dropped"] == {"classifier:below_top_fraction": web_in - len(web_kept)}
+    assert "books" not in manifest["scores"]  # not scored: its override turns it off
+    assert all("quality_score" not in d["meta"] for d in kept if d["source"] == "books")
