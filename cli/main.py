@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("stats", parents=[common], help="statistics of a token dataset")
     sub.add_argument("path", help="a dataset.zarr or a work folder")
     sub.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    sub.add_argument("--plot", help="PNG histogram of document lengths (default: beside it)")
+    sub.add_argument("--plot", help="PNG histogram of document lengths (default: beside it); "
+                     "the quality scores' goes beside it as quality_scores.png")
     sub.set_defaults(handler=show_stats)
 
     sub = commands.add_parser("verify", parents=[common], help="recompute every checksum")
@@ -148,6 +149,10 @@ def print_summary(name: str, manifest: dict, workdir: Path, seconds: float) -> N
                   f"{manifest['bytes_in'] / 1e6:.1f}", f"{manifest['bytes_out'] / 1e6:.1f}")
     console = Console(width=None if sys.stdout.isatty() else 120)
     console.print(table)
+    if manifest.get("scores"):  # the filter's learned quality score
+        from pipeline.stats import render_scores
+
+        render_scores(manifest["scores"], console)
     console.print(f"output: {WorkFolder(workdir).stage(name)}")
 
 
@@ -161,13 +166,16 @@ def dataset_path(path: str) -> Path:
 
 
 def show_stats(args: argparse.Namespace) -> int:
-    from pipeline.stats import dataset_stats, plot_doc_lengths, render_stats
+    from pipeline.stats import dataset_stats, plot_doc_lengths, plot_scores, render_stats
 
     path = dataset_path(args.path)
     stats = dataset_stats(path)
     plot = Path(args.plot) if args.plot else path.parent / "doc_lengths.png"
     plot_doc_lengths(path, plot)
     stats["plot"] = str(plot)
+    if stats["scores"]:
+        stats["scores_plot"] = str(plot.with_name("quality_scores.png"))
+        plot_scores(stats["scores"], Path(stats["scores_plot"]))
     if args.json:
         print(json.dumps(stats, indent=1))
     else:

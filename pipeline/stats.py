@@ -62,6 +62,7 @@ def dataset_stats(path: Path) -> dict:
         "source_docs": dataset.attrs["source_docs"],
         "splits": splits,
         "stages": stage_stats(dataset.path.parent.parent),
+        "scores": quality_scores(dataset.path.parent.parent),
     }
 
 
@@ -85,6 +86,64 @@ def stage_stats(workdir: Path) -> list[dict]:
             "seconds": manifest.get("wall_seconds"),
         })
     return rows
+
+
+def quality_scores(workdir: Path) -> dict:
+    """The filter's learned quality scores per source (filter.classifier), if it scored."""
+    manifest_path = WorkFolder(workdir).manifest("filter")
+    return read_json(manifest_path).get("scores", {}) if manifest_path.exists() else {}
+
+
+def plot_scores(scores: dict, out: Path) -> None:
+    """One histogram of quality scores per source (the filter's 20 bins over [0, 1])."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for source, row in scores.items():
+        edges = np.linspace(0, 1, len(row["histogram"]) + 1)
+        share = np.asarray(row["histogram"]) / max(row["docs"], 1)
+        steps = ax.stairs(share, edges, label=f"{source} ({row['docs']} docs, "
+                          f"{row['kept']} kept)")
+        if row.get("cutoff") is not None:
+            ax.axvline(row["cutoff"], linestyle=":", color=steps.get_edgecolor())
+    ax.set_xlabel("quality score (classifier's positive-label probability)")
+    ax.set_ylabel("share of the source's documents")
+    ax.set_title("Quality scores per source (filter.classifier)")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def render_scores(scores: dict, console) -> None:
+    """The score distribution per source, and examples at the top, middle and bottom."""
+    from rich.table import Table
+
+    table = Table(title="quality scores per source (filter.classifier; histogram bins of 0.05)",
+                  title_justify="left")
+    for column in ("source", "scored", "kept", "mean", "cutoff", "histogram 0 -> 1"):
+        table.add_column(column, justify="left" if column[0] in "sh" else "right")
+    bars = " ▁▂▃▄▅▆▇█"
+    for source, row in scores.items():
+        peak = max(max(row["histogram"]), 1)
+        spark = "".join(bars[min(8, -(-8 * n // peak))] for n in row["histogram"])
+        cutoff = "-" if row.get("cutoff") is None else f"{row['cutoff']:.3f}"
+        table.add_row(source, f"{row['docs']:,}", f"{row['kept']:,}", f"{row['mean']:.3f}",
+                      cutoff, spark)
+    console.print(table)
+    examples = Table(title="examples by score", title_justify="left")
+    for column in ("source", "where", "score", "document", "text"):
+        examples.add_column(column, overflow="fold")
+    for source, row in scores.items():
+        for where in ("top", "middle", "bottom"):
+            for example in row["examples"][where]:
+                examples.add_row(source, where, f"{example['score']:.3f}", example["id"],
+                                 example["text"][:120])
+    console.print(examples)
 
 
 def plot_doc_lengths(path: Path, out: Path) -> None:
@@ -145,4 +204,7 @@ def render_stats(stats: dict) -> None:
         stages.add_row(row["stage"], f"{row['in']:,} {row['unit']}", f"{row['out']:,}",
                        ", ".join(reasons) or "-", str(row["mb_out"]), str(row["seconds"]))
     console.print(stages)
+    if stats.get("scores"):
+        render_scores(stats["scores"], console)
+        console.print(f"quality-score histogram: {stats['scores_plot']}")
     console.print(f"document-length histogram: {stats['plot']}")

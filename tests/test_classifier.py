@@ -3,6 +3,7 @@ separates held-out ones, and the filter keeps and drops by it under its own reas
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from pipeline.classifier import (
 from pipeline.config import ConfigError, load_config
 from pipeline.documents import iter_documents
 from pipeline.filter import run_filter
+from pipeline.tokenize import run_tokenize
 
 POSITIVE_SOURCES = [str(DATA / "instruct" / "rasbt-instruction-data.json"),
                     str(DATA / "books" / "pg11*.txt.gz")]
@@ -136,6 +138,16 @@ def test_the_filter_keeps_and_drops_by_the_score(trained: tuple[Path, dict], ext
     assert examples["bottom"][0]["score"] < 0.5 <= examples["top"][0]["score"]
     drop = manifest["drop_examples"]["classifier:below_threshold"][0]
     assert drop.endswith(" < 0.5000")
+
+    # forge stats: the distribution per source, as a table, examples and a PNG.
+    run_tokenize(load_config(extracted, {"workdir": str(tmp_path), "data.dedupe.enabled": False}))
+    shown = forge("stats", str(tmp_path)).stdout
+    assert "quality scores per source" in shown and "examples by score" in shown
+    assert f"│ top    │ {examples['top'][0]['score']:.3f} │" in shown
+    assert f"│ bottom │ {examples['bottom'][0]['score']:.3f} │" in shown
+    assert (tmp_path / "tokenize" / "quality_scores.png").stat().st_size > 5000
+    as_json = json.loads(forge("stats", str(tmp_path), "--json").stdout)
+    assert as_json["scores"]["web"]["histogram"] == scores["web"]["histogram"]
 
 
 def test_the_filter_keeps_a_top_fraction_per_source(trained: tuple[Path, dict],
