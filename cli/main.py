@@ -97,13 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_stages(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError
-    from pipeline.registry import prepare_stages, stage_function
+    from pipeline.registry import check_stages, prepare_stages, stage_function
 
     cfg = load_run_config(args)
     stages = args.stages or prepare_stages(cfg)
     for name in set(stages) - set(prepare_stages(cfg)):
         raise ConfigError(f"the {name} stage is disabled by the config; set "
                           f"data.{name}.enabled: true to run it")
+    check_stages(cfg, stages)
     for name in stages:
         started = time.perf_counter()
         with progress_bar(name, quiet=args.quiet) as progress:

@@ -8,6 +8,7 @@ the field.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -116,6 +117,22 @@ class TokenizeConfig(Strict):
         default=0.01, ge=0, lt=1, description="Fraction of documents held out for validation."
     )
     seed: int = Field(default=1337, description="Seed of the train/val document split.")
+    mix: dict[str, float] = Field(
+        default_factory=dict,
+        description="Source name -> weight of its documents in the train split: 2 repeats "
+        "each twice, 0.5 keeps a seeded half, 0 drops the source, 1.5 keeps all once and a "
+        "seeded half twice; unnamed sources weigh 1. The val split is never reweighted.",
+    )
+
+    @field_validator("mix")
+    @classmethod
+    def _weights(cls, value: dict[str, float]) -> dict[str, float]:
+        for source, weight in value.items():
+            if not math.isfinite(weight) or weight < 0:
+                raise ValueError(f"the weight of {source!r} must be a number >= 0 (0 drops the "
+                                 f"source, 0.5 keeps a seeded half, 2 repeats it twice), not "
+                                 f"{weight}")
+        return value
 
 
 class GopherQualityRules(Strict):

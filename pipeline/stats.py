@@ -60,6 +60,7 @@ def dataset_stats(path: Path) -> dict:
         "fingerprint": dataset.attrs["fingerprint"],
         "tokenizer": dataset.attrs["tokenizer"],
         "source_docs": dataset.attrs["source_docs"],
+        "source_tokens": dataset.attrs.get("source_tokens", {}),
         "splits": splits,
         "stages": stage_stats(dataset.path.parent.parent),
         "scores": quality_scores(dataset.path.parent.parent),
@@ -189,11 +190,16 @@ def render_stats(stats: dict) -> None:
                            f"{d['median']:,.0f}", f"{d['p99']:,.0f}", f"{d['max']:,}",
                            f"{row['bytes_per_token']:.2f}", end_section=label.endswith("total"))
     console.print(shards)
-    mix = Table(title="source mix (documents)", title_justify="left")
+    mix = Table(title="source mix (documents in shards; train tokens before and after "
+                "tokenize.mix)", title_justify="left")
     mix.add_column("source")
-    mix.add_column("docs", justify="right")
+    for column in ("docs", "weight", "tokens before", "tokens after"):
+        mix.add_column(column, justify="right")
     for source, docs in stats["source_docs"].items():
-        mix.add_row(source, f"{docs:,}")
+        tokens = stats["source_tokens"].get(source)
+        mix.add_row(source, f"{docs:,}", *(
+            (f"{tokens['weight']:g}", f"{tokens['before_mix']:,}", f"{tokens['after_mix']:,}")
+            if tokens else ("-", "-", "-")))
     console.print(mix)
     stages = Table(title="stages", title_justify="left")
     for column in ("stage", "in", "out", "dropped or repaired, by reason", "MB out", "s"):
