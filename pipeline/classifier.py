@@ -98,12 +98,38 @@ def load_classifier(path: str, label: str, field: str = "data.filter.classifier"
         raise ConfigError(f"{field}.model: {model_file} could not be read as a fastText model "
                           f"({e}); it is corrupt or truncated: train it again with "
                           "`forge train-classifier` or download it again") from None
+    expected = expected_size(model)
+    if expected is not None and expected != stat.st_size:
+        raise ConfigError(f"{field}.model: {model_file} is truncated or corrupt ({stat.st_size:,} "
+                          f"bytes where its header promises {expected:,}); train it again with "
+                          "`forge train-classifier` or download it again")
     labels = [lab.removeprefix(LABEL_PREFIX) for lab in model.get_labels()]
+    if not labels:
+        raise ConfigError(f"{field}.model: {model_file} holds no label: it is truncated, or "
+                          "not a fastText classifier; point the field at a supervised model "
+                          "(.bin/.ftz)")
     if label not in labels:
         raise ConfigError(f"{field}.label: model {model_file} has no label {label!r} (its "
                           f"labels: {', '.join(labels[:10])}); set the field to its positive "
                           "label")
     return Classifier(model, label)
+
+
+def expected_size(model: Any) -> int | None:
+    """The size of a complete, unquantized .bin holding `model` (fastText reads a truncated
+    file without complaint, leaving zeros); None for a quantized model (.ftz)."""
+    if model.is_quantized():
+        return None
+    args = model.f.getArgs()
+    entries = [*model.get_words(on_unicode_error="surrogateescape"),
+               *model.get_labels(on_unicode_error="surrogateescape")]
+    # magic and version; args (12 int32, a double); dictionary counts (3 int32, 2 int64),
+    # then per entry its bytes, a NUL, an int64 count and an int8 type; then per matrix a
+    # quantized flag, its shape (2 int64) and float32 rows: words + hash buckets, labels.
+    dictionary = sum(len(e.encode("utf-8", "surrogateescape")) + 10 for e in entries)
+    words = len(entries) - len(model.get_labels())
+    rows = (words + args.bucket) + (len(entries) - words)
+    return 8 + 56 + 28 + dictionary + 2 * (1 + 16) + 4 * rows * args.dim
 
 
 @lru_cache(maxsize=8)

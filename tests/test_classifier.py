@@ -19,7 +19,7 @@ from pipeline.classifier import (
     top_fraction_cutoff,
     train_classifier,
 )
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, load_config, validate_config
 from pipeline.documents import iter_documents
 from pipeline.filter import run_filter
 from pipeline.tokenize import run_tokenize
@@ -164,3 +164,45 @@ def test_the_filter_keeps_a_top_fraction_per_source(trained: tuple[Path, dict],
     assert manifest["dropped"] == {"classifier:below_top_fraction": web_in - len(web_kept)}
     assert "books" not in manifest["scores"]  # not scored: its override turns it off
     assert all("quality_score" not in d["meta"] for d in kept if d["source"] == "books")
+
+
+# ---------------------------------------------------------------- bad input, before any work
+
+
+def _broken(kind: str, model: Path, tmp_path: Path) -> tuple[dict, str]:
+    """A classifier section that is wrong in one way, and what the error must say."""
+    if kind == "missing":
+        return {"model": str(tmp_path / "none.bin")}, "none.bin does not exist"
+    if kind == "not_fasttext":
+        (tmp_path / "notes.bin").write_text("not a model")
+        return {"model": str(tmp_path / "notes.bin")}, "is not a fastText model"
+    if kind == "truncated":
+        data = model.read_bytes()
+        (tmp_path / "cut.bin").write_bytes(data[: len(data) - 4096])
+        return {"model": str(tmp_path / "cut.bin")}, "is truncated or corrupt"
+    return {"model": str(model), "label": "good"}, "has no label 'good' (its labels: "
+
+
+@pytest.mark.parametrize("kind", ["missing", "not_fasttext", "truncated", "no_label"])
+def test_a_bad_classifier_fails_before_any_work(kind: str, trained: tuple[Path, dict],
+                                                tmp_path: Path) -> None:
+    section, message = _broken(kind, trained[0], tmp_path)
+    sources = [{"name": "web", "uri": str(DATA / "webdocs" / "*.gz")}]
+    config = write_config(tmp_path / "config.yaml", tmp_path / "work", sources)
+    raw = yaml.safe_load(config.read_text())
+    raw["data"]["filter"] = {"per_source": {"web": {"classifier": {**section, "threshold": 0.5}}}}
+    config.write_text(yaml.safe_dump(raw))
+    result = forge("prepare", "--config", str(config), check=False)
+    assert result.returncode == 2
+    error = result.stderr.splitlines()[0]
+    assert error.startswith("error: data.filter.per_source.web.classifier.") and message in error
+    assert "forge train-classifier" in error or "set the field" in error or "point" in error
+    assert not (tmp_path / "work").exists()  # nothing downloaded
+
+
+def test_threshold_and_top_fraction_together_fail_at_load() -> None:
+    raw = {"data": {"filter": {"classifier": {"model": "m.bin", "threshold": 0.5,
+                                              "top_fraction": 0.1}}}}
+    with pytest.raises(ConfigError, match="data.filter.classifier': set threshold or "
+                                          "top_fraction, not both"):
+        validate_config(raw)
