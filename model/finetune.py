@@ -97,14 +97,8 @@ class InstructionData:
         return {name: len(self.examples[name]) for name in SPLITS}
 
 
-def load_instruction_data(
-    paths: list[str],
-    enc: Any,
-    max_len: int,
-    split_seed: int,
-    val_fraction: float,
-    test_fraction: float,
-) -> InstructionData:
+def load_instruction_data(paths: list[str], enc: Any, max_len: int, split_seed: int,
+                          val_fraction: float, test_fraction: float) -> InstructionData:
     """Read, split, de-duplicate and encode instruction files; count every record dropped.
 
     Each file is split on its own (as decontamination splits it); then a train or val record
@@ -136,15 +130,9 @@ def load_instruction_data(
             records[split] += parts[split]
         dropped.update(bad)
         records_in += len(good) + sum(bad.values())
-        files.append(
-            {
-                "path": str(path),
-                "sha256": sha256_file(path),
-                "records": len(good) + sum(bad.values()),
-                "valid": len(good),
-                "dropped": dict(bad),
-            }
-        )
+        files.append({"path": str(path), "sha256": sha256_file(path),
+                      "records": len(good) + sum(bad.values()), "valid": len(good),
+                      "dropped": dict(bad)})
     test_keys = {record_key(r) for r in records["test"]}
     seen: set[str] = set()
     for split in ("train", "val"):
@@ -177,14 +165,8 @@ def load_instruction_data(
     payload = json.dumps(
         [[f["sha256"] for f in files], split_seed, val_fraction, test_fraction, max_len]
     )
-    return InstructionData(
-        records=records,
-        examples=examples,
-        dropped=Counter(dict(sorted(dropped.items()))),
-        files=files,
-        records_in=records_in,
-        fingerprint=hashlib.sha256(payload.encode()).hexdigest()[:16],
-    )
+    return InstructionData(records, examples, Counter(dict(sorted(dropped.items()))), files,
+                           records_in, hashlib.sha256(payload.encode()).hexdigest()[:16])
 
 
 def _encodable(record: dict) -> bool:
@@ -225,14 +207,8 @@ class InstructionLoader:
     per epoch. shuffle=False visits the examples in order (validation).
     """
 
-    def __init__(
-        self,
-        examples: list[Example],
-        batch_size: int,
-        seed: int = 0,
-        shuffle: bool = True,
-        mask_prompt: bool = True,
-    ) -> None:
+    def __init__(self, examples: list[Example], batch_size: int, seed: int = 0,
+                 shuffle: bool = True, mask_prompt: bool = True) -> None:
         if not examples:
             raise FinetuneError("no examples to load")
         self.examples, self.batch_size = examples, batch_size
@@ -270,20 +246,12 @@ class InstructionLoader:
             yield collate(chunk, self.mask_prompt)
 
     def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "position": self.position,
-            "seed": self.seed,
-            "examples": len(self.examples),
-            "batch_size": self.batch_size,
-        }
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "examples": len(self.examples), "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        for key, mine in (
-            ("seed", self.seed),
-            ("examples", len(self.examples)),
-            ("batch_size", self.batch_size),
-        ):
+        for key, mine in (("seed", self.seed), ("examples", len(self.examples)),
+                          ("batch_size", self.batch_size)):
             if int(state[key]) != mine:
                 raise FinetuneError(
                     f"loader state was made with {key}={state[key]}, this "
@@ -434,11 +402,9 @@ class Finetuning(TrainingRun):
         self.train_loader = InstructionLoader(
             self.data.examples["train"], cfg.micro_batch_size, cfg.seed, mask_prompt=cfg.mask_prompt
         )
-        self.val_loader = (
-            InstructionLoader(self.data.examples["val"], cfg.micro_batch_size, shuffle=False)
-            if counts["val"]
-            else None
-        )
+        val = self.data.examples["val"]
+        self.val_loader = (InstructionLoader(val, cfg.micro_batch_size, shuffle=False)
+                           if val else None)
         self.max_steps = cfg.max_steps or math.ceil(
             cfg.epochs * self.train_loader.batches_per_epoch / cfg.grad_accum_steps
         )
@@ -469,13 +435,10 @@ class Finetuning(TrainingRun):
 
     def state_fields(self) -> dict:
         lora = self.cfg.method == "lora"
-        return {
-            "method": self.cfg.method,
-            "lora": self.cfg.lora.model_dump(mode="json") if lora else None,
-            "base": self.base,
-            "data_fingerprint": self.data.fingerprint,
-            **({"model": lora_state_dict(self.raw)} if lora else {}),  # the adapters only
-        }
+        return {"method": self.cfg.method, "base": self.base,
+                "lora": self.cfg.lora.model_dump(mode="json") if lora else None,
+                "data_fingerprint": self.data.fingerprint,
+                **({"model": lora_state_dict(self.raw)} if lora else {})}  # the adapters only
 
     def load_fields(self, state: dict, path: Path) -> None:
         problems = []
@@ -503,22 +466,15 @@ class Finetuning(TrainingRun):
             self.raw.load_state_dict(state["model"])
 
     def start_fields(self) -> dict:
-        return {"method": self.cfg.method, "records": self.data.counts(),
-                "dropped": dict(self.data.dropped), "base": self.base["path"]}
-
-    def describe(self) -> str:
-        counts, cfg = self.data.counts(), self.cfg
-        return (f"{cfg.method} fine-tuning, {counts['train']} train / {counts['val']} val / "
-                f"{counts['test']} test records (dropped {dict(self.data.dropped) or 'none'}), "
-                f"steps of {cfg.micro_batch_size} x {cfg.grad_accum_steps} records")
+        cfg = self.cfg
+        return {"method": cfg.method, "records": self.data.counts(),
+                "dropped": dict(self.data.dropped), "base": self.base["path"],
+                "records_per_step": f"{cfg.micro_batch_size} x {cfg.grad_accum_steps}"}
 
     def record_fields(self, counts: Counter, since: Counter, seconds: float) -> dict:
-        return {
-            "targets": counts["targets"],
-            "positions_per_s": since["positions"] / seconds,
-            "padding": 1 - counts["tokens"] / counts["positions"],
-            "epoch": self.train_loader.epoch,
-        }
+        return {"targets": counts["targets"], "positions_per_s": since["positions"] / seconds,
+                "padding": 1 - counts["tokens"] / counts["positions"],
+                "epoch": self.train_loader.epoch}
 
     def summary_fields(self, trains: list[dict], timed: Counter, checkpoint: Path | None,
                        finished: bool) -> dict:
@@ -537,11 +493,8 @@ class Finetuning(TrainingRun):
         }
 
     def manifest_fields(self) -> dict:
-        return {
-            "config_hash": config_hash(self.cfg, self.base["sha256"], self.data.fingerprint),
-            "data": self.data.files,
-            "data_fingerprint": self.data.fingerprint,
-        }
+        return {"config_hash": config_hash(self.cfg, self.base["sha256"], self.data.fingerprint),
+                "data": self.data.files, "data_fingerprint": self.data.fingerprint}
 
     def test(self, checkpoint: Path | None) -> dict | None:
         """Answer the test split with the final model into test_responses.json, once."""

@@ -161,13 +161,8 @@ def compute_init(device: str, dtype: str, num_threads: int | None, section: str)
     """Set up this process for training; `section` names the config section in errors."""
     dist_info = init_distributed(resolve_device(device, 0, section).type)
     where = resolve_device(device, dist_info.local_rank, section)
-    compute = Compute(
-        where,
-        resolve_dtype(dtype, where),
-        dist_info,
-        torch.get_num_threads(),
-        torch.are_deterministic_algorithms_enabled(),
-    )
+    compute = Compute(where, resolve_dtype(dtype, where), dist_info, torch.get_num_threads(),
+                      torch.are_deterministic_algorithms_enabled())
     if num_threads:
         torch.set_num_threads(num_threads)
     if where.type == "cuda":
@@ -332,19 +327,12 @@ class TrainingRun:
 
     def state_dict(self, rng: list[dict]) -> dict:
         """The checkpoint: every part's state, the configs and all ranks' RNG states."""
-        return {
-            "format": self.format,
-            "version": FORMAT_VERSION,
-            "step": self.step,
-            "model": self.raw.state_dict(),
-            **self.state_fields(),
-            "optimizer": self.optimizer.state_dict(),
-            "loader": self.train_loader.state_dict(),
-            "rng": rng,
-            "model_config": self.model_dict,
-            "max_steps": self.max_steps,
-            "train_config": self.cfg.model_dump(mode="json"),
-        }
+        return {"format": self.format, "version": FORMAT_VERSION, "step": self.step,
+                "model": self.raw.state_dict(), **self.state_fields(),
+                "optimizer": self.optimizer.state_dict(),
+                "loader": self.train_loader.state_dict(), "rng": rng,
+                "model_config": self.model_dict, "max_steps": self.max_steps,
+                "train_config": self.cfg.model_dump(mode="json")}
 
     def load_state_dict(self, state: dict, path: Path) -> None:
         """Put a checkpoint back; a version 1 checkpoint's "scheduler" is not needed (the
@@ -360,13 +348,9 @@ class TrainingRun:
         if len(ranks) == self.dist.world_size:
             self._rng = ranks[self.dist.rank]
         else:
-            log.warning(
-                "checkpoint %s holds the RNG states of %d ranks, this run has %d: "
-                "dropout masks will differ from an uninterrupted run",
-                path,
-                len(ranks),
-                self.dist.world_size,
-            )
+            log.warning("checkpoint %s holds the RNG states of %d ranks, this run has %d: dropout "
+                        "masks will differ from an uninterrupted run", path, len(ranks),
+                        self.dist.world_size)
         now = self.cfg.model_dump(mode="json")
         saved = state.get("train_config", {})
         changed = {k: f"{v!r} -> {now.get(k)!r}" for k, v in saved.items() if now.get(k) != v}
@@ -448,29 +432,15 @@ class TrainingRun:
         value = float(loss)  # synchronizes the device: the timing is real
         now = time.perf_counter()
         seconds = now - t_log
-        record = {
-            "kind": "train",
-            "step": self.step,
-            "loss": value,
-            "lr": lr,
-            "grad_norm": float(grad_norm),
-            "tokens_per_s": since["tokens"] / seconds,
-            **self.record_fields(counts, since, seconds),
-            "ms_per_step": (now - t_step) * 1000,
-            "time": time.time(),
-        }
+        record = {"kind": "train", "step": self.step, "loss": value, "lr": lr,
+                  "grad_norm": float(grad_norm), "tokens_per_s": since["tokens"] / seconds,
+                  **self.record_fields(counts, since, seconds),
+                  "ms_per_step": (now - t_step) * 1000, "time": time.time()}
         self.metrics.write(record)
-        log.info(
-            "step %d/%d | loss %.4f | lr %.2e | norm %.2f | %.0f tok/s%s%s",
-            self.step,
-            self.max_steps,
-            record["loss"],
-            lr,
-            record["grad_norm"],
-            record["tokens_per_s"],
-            f" | mfu {record['mfu']:.1%}" if record.get("mfu") is not None else "",
-            f" | pad {record['padding']:.0%}" if "padding" in record else "",
-        )
+        log.info("step %d/%d | loss %.4f | lr %.2e | norm %.2f | %.0f tok/s%s%s", self.step,
+                 self.max_steps, value, lr, record["grad_norm"], record["tokens_per_s"],
+                 f" | mfu {record['mfu']:.1%}" if record.get("mfu") is not None else "",
+                 f" | pad {record['padding']:.0%}" if "padding" in record else "")
         return now
 
     def fit(self, progress: ProgressFn | None = None) -> dict:
@@ -480,33 +450,18 @@ class TrainingRun:
         self.wrap()
         if self._rng is not None:
             set_rng_state(self._rng)
-        trainable = sum(p.numel() for p in self.params)
-        self.metrics.write(
-            {
-                "kind": "resume" if start else "start",
-                "step": start,
-                "time": time.time(),
-                "params": self.raw.num_params(),
-                "trainable": trainable,
-                "world_size": self.dist.world_size,
-                "device": str(self.device),
-                "dtype": str(self.compute.dtype).removeprefix("torch."),
-                "max_steps": self.max_steps,
-                "checkpoint": str(self.resumed_from) if self.resumed_from else None,
-                **self.start_fields(),
-            }
-        )
-        log.info(
-            "%s %s: %.2fM of %.2fM parameters trained, %d steps, %s %s; %s",
-            "resuming" if start else "starting",
-            self.stage,
-            trainable / 1e6,
-            self.raw.num_params() / 1e6,
-            self.max_steps,
-            self.device,
-            str(self.compute.dtype).removeprefix("torch."),
-            self.describe(),
-        )
+        params, trainable = self.raw.num_params(), sum(p.numel() for p in self.params)
+        dtype, extra = str(self.compute.dtype).removeprefix("torch."), self.start_fields()
+        self.metrics.write({"kind": "resume" if start else "start", "step": start,
+                            "time": time.time(), "params": params, "trainable": trainable,
+                            "world_size": self.dist.world_size, "device": str(self.device),
+                            "dtype": dtype, "max_steps": self.max_steps,
+                            "checkpoint": str(self.resumed_from) if self.resumed_from else None,
+                            **extra})
+        described = ", ".join(f"{k} {v}" for k, v in extra.items())
+        log.info("%s %s: %.2fM of %.2fM parameters trained, %d steps, %s %s, %s",
+                 "resuming" if start else "starting", self.stage, trainable / 1e6, params / 1e6,
+                 self.max_steps, self.device, dtype, described)
         if start == 0 and cfg.eval_every:
             self.evaluate()
         last_ckpt = self.resumed_from
@@ -569,24 +524,15 @@ class TrainingRun:
             "stopped_by": stopped_by,
         }
         if stopped_by:
-            log.warning(
-                "stopped by %s after step %d; %s holds it and rerunning continues there",
-                stopped_by,
-                self.step,
-                checkpoint,
-            )
+            log.warning("stopped by %s after step %d; %s holds it and rerunning continues there",
+                        stopped_by, self.step, checkpoint)
         summary.update(self.summary_fields(trains, timed, checkpoint, not stopped_by))
         summary["seconds"] = round(time.time() - t_start, 2)
         if self.dist.main and not stopped_by:
             plot = plot_losses(self.metrics.path, self.work.loss_plot(self.stage))
             summary["plot"] = str(plot) if plot else None
-            manifest = {
-                "stage": self.stage,
-                "config": self.cfg.model_dump(mode="json"),
-                "model_config": self.model_dict,
-                **self.manifest_fields(),
-                **summary,
-            }
+            manifest = {"stage": self.stage, "config": self.cfg.model_dump(mode="json"),
+                        "model_config": self.model_dict, **self.manifest_fields(), **summary}
             atomic_write_json(self.work.manifest(self.stage), manifest)
         return summary
 
@@ -618,12 +564,8 @@ class TrainingRun:
         self.raw.load_state_dict(state["model"])
 
     def start_fields(self) -> dict:
-        """Fields of the log's start record besides the common ones."""
+        """The data and the batch: fields of the log's start record and the terminal's line."""
         return {}
-
-    def describe(self) -> str:
-        """The end of the start line on the terminal: the data and batch."""
-        return ""
 
     def record_fields(self, counts: Counter, since: Counter, seconds: float) -> dict:
         """Fields of a train record besides the common ones."""

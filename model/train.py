@@ -148,12 +148,8 @@ class Pretraining(TrainingRun):
         self.raw.load_state_dict(state["model"])
 
     def start_fields(self) -> dict:
-        return {"grad_accum": self.accum, "tokens_per_step": self.cfg.total_batch_tokens}
-
-    def describe(self) -> str:
-        cfg = self.cfg
-        return (f"{cfg.micro_batch_size} x {self.block} x {self.accum} x {self.dist.world_size} "
-                f"= {cfg.total_batch_tokens} tokens per step, {self.train_loader}")
+        return {"micro_batch_size": self.cfg.micro_batch_size, "grad_accum": self.accum,
+                "tokens_per_step": self.cfg.total_batch_tokens, "loader": str(self.train_loader)}
 
     def record_fields(self, counts: Counter, since: Counter, seconds: float) -> dict:
         per_device = since["tokens"] / seconds / self.dist.world_size
@@ -165,11 +161,8 @@ class Pretraining(TrainingRun):
         return {"tokens": self.step * self.cfg.total_batch_tokens}
 
     def manifest_fields(self) -> dict:
-        return {
-            "config_hash": config_hash(self.cfg, self.fingerprint),
-            "dataset": str(self.dataset.path),
-            "dataset_fingerprint": self.fingerprint,
-        }
+        return {"config_hash": config_hash(self.cfg, self.fingerprint),
+                "dataset": str(self.dataset.path), "dataset_fingerprint": self.fingerprint}
 
 
 def run_pretrain(cfg: PretrainConfig, workdir: Path, overwrite: bool = False,
