@@ -35,6 +35,7 @@ bench: setup
 	$(VENV)/bin/python bench/prepare_throughput.py
 
 bench-smoke: setup
+	$(VENV)/bin/pip install -q -e '.[dev,bench]' $(PIP_QUIET)
 	$(VENV)/bin/python bench/smoke.py
 
 clean:
