@@ -51,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     stage_opts = argparse.ArgumentParser(add_help=False, parents=[common])
     stage_opts.add_argument("--config", required=True, help="YAML run config")
     stage_opts.add_argument("--workdir", help="output folder (replaces the config's workdir)")
-    stage_opts.add_argument("--source", action="append", metavar="PATH_OR_URL_OR_GLOB",
-                            help="replaces the config's sources; repeatable")
+    stage_opts.add_argument("--source", action="append", metavar="[NAME=]PATH_OR_URL_OR_GLOB",
+                            help="replaces the config's sources; repeatable; NAME picks the "
+                            "filter rules (filter.per_source.NAME)")
     stage_opts.add_argument("--workers", type=int, help="worker processes")
     stage_opts.add_argument("--overwrite", action="store_true",
                             help="discard this stage's output made with another config")
@@ -92,13 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_stages(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError
+    from pipeline.download import with_source_presets
     from pipeline.registry import prepare_stages, stage_function
 
-    cfg = load_run_config(args)
+    cfg, preset_lines = with_source_presets(load_run_config(args))
     stages = args.stages or prepare_stages(cfg)
     for name in set(stages) - set(prepare_stages(cfg)):
         raise ConfigError(f"the {name} stage is disabled by the config; set "
                           f"data.{name}.enabled: true to run it")
+    if "filter" in stages and not args.quiet:
+        print("\n".join(preset_lines))
     for name in stages:
         started = time.perf_counter()
         with progress_bar(name, quiet=args.quiet) as progress:
