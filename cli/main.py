@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cli.common import load_run_config
 from pipeline.files import WorkFolder
-from pipeline.registry import STAGES
+from pipeline.registry import STAGE_NAMES, STAGES
 
 log = logging.getLogger("forge")
 
@@ -161,9 +161,24 @@ def dataset_path(path: str) -> Path:
 
 
 def show_stats(args: argparse.Namespace) -> int:
-    from pipeline.stats import dataset_stats, plot_doc_lengths, render_stats
+    from pipeline.stats import (
+        dataset_stats,
+        partial_stats,
+        plot_doc_lengths,
+        render_partial_stats,
+        render_stats,
+    )
 
     path = dataset_path(args.path)
+    work = WorkFolder(args.path)
+    unfinished = any(work.stage(name).is_dir() for name in STAGE_NAMES)
+    if unfinished and not (path / "zarr.json").exists():  # a run that failed or is under way
+        stats = partial_stats(work.root)
+        if args.json:
+            print(json.dumps(stats, indent=1))
+        else:
+            render_partial_stats(stats)
+        return 0
     stats = dataset_stats(path)
     plot = Path(args.plot) if args.plot else path.parent / "doc_lengths.png"
     plot_doc_lengths(path, plot)

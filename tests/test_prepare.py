@@ -196,3 +196,38 @@ def test_source_names_come_before_an_equals_sign_and_urls_stay_whole(tmp_path: P
     odd.write_text("a file whose name holds '='")
     assert parse_source(str(odd)) == {"uri": str(odd)}
     assert parse_source("x=y.txt") == {"name": "x", "uri": "y.txt"}
+
+
+def test_no_document_error_leads_to_a_stats_command_that_reports_the_drops(
+        tmp_path: Path) -> None:
+    """Every document dropped: the error names the command, and that command works."""
+    import re
+
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("Too short to keep.\n")
+    work = tmp_path / "work"
+    config = write_config(tmp_path / "c.yaml", work, [{"uri": str(tiny)}])
+    result = forge("prepare", "--config", str(config), check=False)
+    assert result.returncode == 2 and "holds no document" in result.stderr
+    command = re.search(r"`(forge stats [^`]+)`", result.stderr)[1]
+    assert command == f"forge stats {work}"
+    shown = forge(*command.split()[1:])
+    assert "no token dataset yet" in shown.stdout
+    assert "gopher_quality:too_few_words 1" in shown.stdout
+    assert "tokenize: under way or failed" in shown.stdout
+    stats = json.loads(forge("stats", str(work), "--json").stdout)
+    assert stats["dataset"] is None
+    assert [row["stage"] for row in stats["stages"]] == ["download", "extract", "filter",
+                                                         "dedupe"]
+    assert stats["stages"][2]["dropped"] == {"gopher_quality:too_few_words": 1}
+
+
+def test_a_corrupt_zarr_json_is_named_with_the_command_that_rebuilds_it(tmp_path: Path) -> None:
+    dataset = tmp_path / "work" / "tokenize" / "dataset.zarr"
+    dataset.mkdir(parents=True)
+    (dataset / "zarr.json").write_text("{zarr_format: 3,")
+    for command in ("stats", "verify"):
+        result = forge(command, str(tmp_path / "work"), check=False)
+        assert result.returncode == 2
+        assert f"{dataset / 'zarr.json'} is corrupt" in result.stderr
+        assert "forge tokenize --config" in result.stderr and "--overwrite" in result.stderr

@@ -488,3 +488,15 @@ def test_torchrun_matches_one_process(dataset: Path, tmp_path: Path) -> None:
     assert CheckpointManager(ddp / "pretrain" / "checkpoints").latest().name == "ckpt-000016.pt"
     state = load_checkpoint(ddp / "pretrain" / "checkpoints" / "ckpt-000016.pt")
     assert len(state["rng"]) == 2  # every rank's RNG state
+
+
+def test_pretrain_without_a_dataset_says_to_run_forge_prepare(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    result = subprocess.run(
+        [sys.executable, "-m", "cli.main", "pretrain", "--config", "configs/demo.yaml",
+         "--workdir", str(work)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert f"no token dataset at {work / 'tokenize' / 'dataset.zarr'}" in result.stderr
+    assert "run `forge prepare --config" in result.stderr
+    assert "Traceback" not in result.stderr
