@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 USER_AGENT = "forge-data/0.1 (+https://github.com/)"
 PERMANENT_HTTP_ERRORS = {400, 401, 403, 404, 410, 451}
-MAX_UNIT_ID = 150  # a record's temporary name adds ~20 characters; file names stop at 255
+MAX_UNIT_ID = 150  # a record's temporary name adds up to ~50 characters; names stop at 255
 CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)")
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import dead_writer_temp
 from test_loader import make_dataset
 
 from configs.run import load_training_section, validate_training_section
@@ -169,7 +170,7 @@ def test_half_written_checkpoints_are_ignored(tmp_path: Path) -> None:
     manager.save(1, small_state(1))
     manager.save(2, small_state(2))
     # a save killed before its rename, and one killed before its sidecar
-    (tmp_path / ".ckpt-000003.pt.4242.tmp").write_bytes(b"partial")
+    dead_writer_temp(tmp_path / "ckpt-000003.pt")
     shutil.copy(tmp_path / "ckpt-000002.pt", tmp_path / "ckpt-000003.pt")
     assert manager.latest() == tmp_path / "ckpt-000002.pt"
     # a newest checkpoint cut short (its sidecar records the full size)
