@@ -160,7 +160,8 @@ def render_partial_stats(stats: dict) -> None:
         console.print(_stages_table(stats["stages"], title="stages done"))
     for name, units in stats["under_way"].items():
         console.print(f"{name}: under way or failed, {units} units committed")
-    console.print("run `forge prepare --config YOUR_CONFIG` to finish the dataset (it resumes)")
+    console.print("to finish it: `forge prepare --config YOUR_CONFIG` (it resumes); if a stage "
+                  "dropped every document, first change the sources or the rules its drops name")
 
 
 def _stages_table(rows: list[dict], title: str = "stages"):
