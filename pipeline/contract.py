@@ -105,9 +105,8 @@ class Stage:
             from pipeline.executors import execute_distributed
 
             finished = execute_distributed(self.name, self.folder, fn, jobs, executor, failures)
-        for _ in finished:
+        for _ in _fail_for_debugging(self.name, finished, done):
             done += 1
-            _maybe_fail_for_test(self.name, done)
             if progress:
                 progress(done, len(units))
         if failures:
@@ -189,8 +188,30 @@ def _execute_locally(fn: UnitFn, jobs: list[tuple[Unit, str]], workers: int,
                     running[pool.submit(run_and_record, fn, *nxt)] = nxt[0]
 
 
-def _maybe_fail_for_test(stage: str, committed: int) -> None:
-    """FORGE_FAIL_AFTER=stage:N raises after N committed units: the crash tests' injection."""
-    spec = os.environ.get("FORGE_FAIL_AFTER", "")
-    if spec and spec.split(":")[0] == stage and committed >= int(spec.split(":")[1]):
-        raise StageError(f"{stage}: injected failure after {committed} units (FORGE_FAIL_AFTER)")
+def _fail_for_debugging(stage: str, committed: Iterable[dict], done: int) -> Iterable[dict]:
+    """The debug setting FORGE_FAIL_AFTER=<stage>:<N>[:<marker file>] makes <stage> fail as a
+    crash would once N of its units are committed; with a marker file, only the run that
+    creates the file fails (a retry then resumes). The crash and resume tests use it."""
+    spec = os.environ.get("FORGE_FAIL_AFTER", "").split(":", 2)
+    if spec[0] != stage:
+        return committed
+    return _fail_after(stage, committed, done, int(spec[1]), spec[2] if len(spec) > 2 else None)
+
+
+def _fail_after(stage: str, committed: Iterable[dict], done: int, limit: int,
+                marker: str | None) -> Iterable[dict]:
+    for record in committed:
+        yield record
+        done += 1
+        if done >= limit and _first_to_fail(marker):
+            raise StageError(f"{stage}: injected failure after {done} units (FORGE_FAIL_AFTER)")
+
+
+def _first_to_fail(marker: str | None) -> bool:
+    if marker is None:
+        return True
+    try:
+        with open(marker, "x"):
+            return True
+    except FileExistsError:
+        return False

@@ -357,13 +357,13 @@ def test_prepare_data_run_from_the_deployment_writes_shards_and_artifacts(
 @pytest.mark.slow
 def test_ui_retry_of_a_failed_run_skips_finished_stages(prefect_server: dict, prepared: Path,
                                                        tmp_path: Path) -> None:
-    """The filter stage fails after 3 units (FORGE_FAIL_AFTER, armed for the first run only);
-    Retry resumes it without running download and extract again."""
+    """The filter stage fails after 3 units (FORGE_FAIL_AFTER with a marker file: the first run
+    only); Retry resumes it without running download and extract again."""
     api: Api = prefect_server["api"]
     config = small_config(tmp_path / "c.yaml", tmp_path / "work")
     work = tmp_path / "work"
     with serving(prefect_server, "retry", tmp_path / "serve.log",
-                 FORGE_FAIL_AFTER="filter:3", FORGE_FAIL_ONCE_MARKER=str(tmp_path / "fired")):
+                 FORGE_FAIL_AFTER=f"filter:3:{tmp_path / 'fired'}"):
         run_id = api.run_deployment("prepare-data", "retry", form(config))
         failed = api.wait(run_id)
         assert failed["state_type"] == "FAILED"
