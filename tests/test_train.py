@@ -37,6 +37,7 @@ from model.data import ShardError
 from model.optim import lr_multiplier
 from model.runtime import read_log
 from model.train import run_pretrain
+from pipeline.files import temp_path_for
 from pipeline.shards import chunk_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -331,6 +332,18 @@ def test_overwrite_starts_over(dataset: Path, tmp_path: Path) -> None:
     records = read_log(tmp_path / "pretrain" / "log.jsonl")
     assert [r["kind"] for r in records].count("start") == 1
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
+
+
+def test_a_run_starts_by_removing_dead_writers_temporary_files(dataset: Path,
+                                                               tmp_path: Path) -> None:
+    """A write killed mid-way (here: of the stage's manifest) leaves a temporary file; the
+    next run of the stage removes it, and keeps a live writer's."""
+    cfg = tiny_config(dataset, max_steps=1, warmup_steps=1)
+    (tmp_path / "pretrain").mkdir()
+    dead = dead_writer_temp(tmp_path / "pretrain" / "manifest.json")
+    live = temp_path_for(tmp_path / "pretrain" / "log.jsonl")  # this process is alive
+    run_pretrain(cfg, tmp_path)
+    assert not dead.exists() and live.exists()
 
 
 def test_corrupt_shard_fails_before_training(dataset: Path, tmp_path: Path) -> None:
