@@ -10,6 +10,7 @@ from pathlib import Path
 
 from configs.run import data_config, load_run_config
 from pipeline.config import ConfigError, ForgeConfig
+from pipeline.download import with_source_presets
 
 
 def resolve_config(config: ForgeConfig | None, config_file: str | None) -> ForgeConfig:
@@ -23,6 +24,9 @@ def resolve_config(config: ForgeConfig | None, config_file: str | None) -> Forge
         raise ConfigError("give the flow either `config` (the form) or `config_file` (a YAML "
                           "run config path), not both and not neither")
     cfg = data_config(config if config is not None else load_run_config(config_file))
+    cfg, preset_lines = with_source_presets(cfg)  # the same filter rules as `forge prepare`
+    for line in preset_lines:
+        logging.getLogger("forge").info(line)
     return cfg.model_copy(update={"workdir": str(Path(cfg.workdir).resolve())})
 
 

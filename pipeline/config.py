@@ -65,7 +65,8 @@ class DownloadConfig(Strict):
 
 class ExtractConfig(Strict):
     strip_gutenberg: bool = Field(
-        default=True, description="Cut Project Gutenberg START/END licence boilerplate."
+        default=True, description="Cut Project Gutenberg licence boilerplate (START/END markers, "
+        "the old-style 'End of the Project Gutenberg EBook' line) and opening producer credits."
     )
     max_doc_mb: float = Field(
         default=20.0, gt=0, description="Documents larger than this are dropped (too_large)."

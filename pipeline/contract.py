@@ -20,7 +20,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.files import MANIFEST, atomic_write_json, read_json
+from pipeline.files import MANIFEST, atomic_write_json, read_json, remove_stale_temps
 from pipeline.units import ProgressFn, Unit, UnitFn, UnitResult, run_and_record
 
 if TYPE_CHECKING:
@@ -147,6 +147,8 @@ def run_stage(name: str, folder: Path, config_hash: str, overwrite: bool,
     if manifest := stage.finished_manifest():
         return manifest
     stage.claim(overwrite)
+    if removed := remove_stale_temps(stage.folder):
+        log.info("%s: removed %d temporary files of dead writers", name, removed)
     return work(stage)
 
 

@@ -32,6 +32,7 @@ from pipeline.download import (
     run_download,
     source_kind,
     source_name,
+    with_source_presets,
 )
 
 BOOK = DATA / "books" / "pg11.txt.gz"
@@ -648,3 +649,36 @@ def test_permanent_errors_are_not_retried(tmp_path, server):
             fetch_url(server.base + "f", tmp_path / "f", quick())
         assert info.value.reason == f"http_{code}" and len(server.requests) == 1
     assert not os.listdir(tmp_path)
+
+
+def test_unnamed_sources_that_are_plainly_books_get_the_books_preset(tmp_path):
+    """A Gutenberg header or book-length plain text, whatever the folder is called; a named
+    source keeps the rules its name picks, a web-like folder keeps the web rules."""
+    header = tmp_path / "incoming" / "opticks.txt"
+    header.parent.mkdir()
+    header.write_text("The Project Gutenberg EBook of Opticks, by Isaac Newton\n\nOPTICKS\n")
+    pages = tmp_path / "crawl" / "page.txt"
+    pages.parent.mkdir()
+    pages.write_text("Buy now! Click here.\n" * 50)
+    book = str(DATA / "books" / "pg1004.txt.gz")
+    cfg = make_config(tmp_path, [
+        {"uri": str(header.parent / "*.txt")},
+        {"uri": str(pages.parent)},
+        {"uri": book, "name": "mine"},
+        {"uri": book},
+        {"uri": "https://www.gutenberg.org/cache/epub/1342/pg1342.txt"},
+    ])
+    resolved, lines = with_source_presets(cfg)
+    assert lines == [
+        "source incoming: books preset (not web text: Project Gutenberg header in opticks.txt; "
+        "set filter.per_source.incoming or --source NAME=PATH to choose)",
+        "source crawl: web rules (no filter.per_source.crawl)",
+        "source mine: web rules (no filter.per_source.mine)",
+        "source books: books preset (not web text: book-length plain text in pg1004.txt.gz; "
+        "set filter.per_source.books or --source NAME=PATH to choose)",
+        "source www.gutenberg.org: books preset (not web text: a Project Gutenberg URL; set "
+        "filter.per_source.www.gutenberg.org or --source NAME=PATH to choose)",
+    ]
+    assert resolved.data.filter.for_source("incoming").gopher_quality.max_words is None
+    assert resolved.data.filter.for_source("crawl").gopher_quality.max_words == 100_000
+    assert cfg.data.filter.per_source == {}  # the given config is left as it was
