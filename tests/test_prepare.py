@@ -155,3 +155,9 @@ def test_a_config_typo_fails_before_any_work_naming_the_field(tmp_path: Path) ->
     assert "'workers'" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "work").exists()
+
+
+def test_zero_workers_is_rejected_naming_the_option(tmp_path: Path) -> None:
+    result = forge("prepare", "--config", "configs/demo.yaml", "--workers", "0", check=False)
+    assert result.returncode == 2
+    assert "argument --workers: must be at least 1, got 0" in result.stderr
