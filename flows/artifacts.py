@@ -96,14 +96,20 @@ def dataset_markdown(stats: dict) -> str:
         "",
         "## Stages",
         "",
-        "| stage | in | out | dropped or repaired, by reason | MB out | s |",
-        "|---|---:|---:|---|---:|---:|",
+        "| stage | in | out | dropped | MB out | s |",
+        "|---|---:|---:|---:|---:|---:|",
+        *(f"| {row['stage']} | {row['in']:,} {row['unit']} | {row['out']:,} | "
+          f"{sum(row['dropped'].values()):,} | {row['mb_out']} | {row['seconds']} |"
+          for row in stats["stages"]),
+        "",
+        "## Dropped and repaired, by reason",
+        "",
+        "| stage | reason | count |",  # one row per reason: a long list never runs off the page
+        "|---|---|---:|",
     ]
     for row in stats["stages"]:
-        reasons = [f"{k} {v}" for k, v in row["dropped"].items()]
-        reasons += [f"repaired {k} {v}" for k, v in row["repaired"].items()]
-        lines.append(f"| {row['stage']} | {row['in']:,} {row['unit']} | {row['out']:,} | "
-                     f"{', '.join(reasons) or '-'} | {row['mb_out']} | {row['seconds']} |")
+        lines += [f"| {row['stage']} | {k} | {v:,} |" for k, v in row["dropped"].items()]
+        lines += [f"| {row['stage']} | repaired: {k} | {v:,} |" for k, v in row["repaired"].items()]
     lines += ["", f"Inspect it with `forge stats {stats['dataset']}` and "
               f"`forge verify {stats['dataset']}`."]
     return "\n".join(lines)
