@@ -51,6 +51,20 @@ def stage_rows(summary: dict) -> list[dict]:
     return rows
 
 
+def summary_line(name: str, summary: dict, workdir: str, cached: bool) -> str:
+    """The stage's numbers in one log line: what `forge prepare` prints as a table."""
+    unit = summary.get("count_unit", "docs")
+    dropped = summary.get("dropped", {})
+    reasons = ", ".join(f"{k}: {v}" for k, v in dropped.items())
+    repaired = ", ".join(f"{k}: {v}" for k, v in summary.get("repaired", {}).items())
+    return (f"{name}{' (cached)' if cached else ''}: {summary['docs_in']} {unit} in, "
+            f"{summary['docs_out']} out, {sum(dropped.values())} dropped"
+            f"{f' ({reasons})' if reasons else ''}{f'; repaired {repaired}' if repaired else ''}"
+            f"; {_mb(summary['bytes_in'])} MB in, {_mb(summary['bytes_out'])} MB out; "
+            f"{summary['units']} units, {summary.get('wall_seconds')} s; output "
+            f"{WorkFolder(workdir).stage(name)}")
+
+
 def publish_stage_table(name: str, summary: dict, workdir: str, cached: bool) -> None:
     how = "skipped, the cached result of an identical earlier run" if cached else "ran"
     create_table_artifact(

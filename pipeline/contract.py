@@ -22,8 +22,11 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from logging.handlers import QueueHandler
 from multiprocessing import get_context
+from multiprocessing.queues import Queue
 from pathlib import Path
+from queue import Empty
 from typing import TYPE_CHECKING, Any
 
 from pipeline.files import MANIFEST, atomic_write_json, read_json
@@ -193,7 +196,7 @@ def stage_lock(name: str, folder: Path) -> Iterator[None]:
 
 
 def _die_with_parent(parent: int) -> None:
-    """Pool worker initializer: end this worker when the forge process that started it dies
+    """End this pool worker when the forge process that started it dies
     (even by SIGKILL), so no orphan keeps committing units beside the user's rerun."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
@@ -222,8 +225,11 @@ def _execute_locally(fn: UnitFn, jobs: list[tuple[Unit, str]], workers: int,
                 _report_failure(unit, e, failures)
         return
     # spawn, not fork: the parent may hold threads (progress bar, Prefect) that fork would copy
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
-                             initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
+    context = get_context("spawn")
+    logs = context.Queue()  # the workers' log records, handled here, in the caller's thread
+    level = logging.getLogger("pipeline").getEffectiveLevel()
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
+                             initargs=(os.getpid(), logs, level)) as pool:
         queue = iter(jobs)
         running = {}
         for unit, record in queue:
@@ -231,7 +237,8 @@ def _execute_locally(fn: UnitFn, jobs: list[tuple[Unit, str]], workers: int,
             if len(running) >= workers * 2:
                 break
         while running:
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            finished, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+            _relay_logs(logs)
             for future in finished:
                 unit = running.pop(future)
                 try:
@@ -244,6 +251,27 @@ def _execute_locally(fn: UnitFn, jobs: list[tuple[Unit, str]], workers: int,
                 nxt = next(queue, None)
                 if nxt is not None:
                     running[pool.submit(run_and_record, fn, *nxt)] = nxt[0]
+    _relay_logs(logs)  # what the workers logged before they ended
+
+
+def _init_worker(parent: int, logs: Queue, level: int) -> None:
+    """Pool worker initializer: die with the parent, and send log records to it."""
+    _die_with_parent(parent)
+    root = logging.getLogger()
+    root.handlers[:] = [QueueHandler(logs)]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("pipeline").setLevel(level)
+
+
+def _relay_logs(logs: Queue) -> None:
+    """Handle the workers' records as this process's own: on the terminal, and in the Prefect
+    run's logs (its handler needs the run's context, which only the caller's thread has)."""
+    while True:
+        try:
+            record = logs.get_nowait()
+        except Empty:
+            return
+        logging.getLogger(record.name).handle(record)
 
 
 def _report_failure(unit: Unit, error: Exception, failures: list[str]) -> None:

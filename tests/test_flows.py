@@ -389,6 +389,38 @@ def test_ui_retry_of_a_failed_run_skips_finished_stages(prefect_server: dict, pr
         assert fingerprint(work) == fingerprint(prepared)  # as an uninterrupted run
 
 
+@pytest.mark.slow
+def test_a_stage_s_log_lines_land_in_the_flow_run_s_logs(prefect_server: dict,
+                                                          tmp_path: Path) -> None:
+    """The stage's summary (what `forge prepare` prints) and a worker process's warning are in
+    the run's logs, where the UI shows them."""
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"workdir": str(tmp_path / "work"), "workers": 2, "data": {
+        "sources": [{"uri": str(DATA / "books" / "the-verdict.txt")},
+                    {"uri": str(DATA / "books" / "pg11.txt.gz")},
+                    {"uri": str(tmp_path / "absent" / "*.txt"), "optional": True}]}}))
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from flows.settings import apply_environment, prefect_environment\n"
+        f"apply_environment(prefect_environment(Path({str(prefect_server['home'])!r}), "
+        f"{prefect_server['api'].url!r}))\n"
+        "from flows.stages import STAGE_FLOWS\n"
+        f"state = STAGE_FLOWS['download'](config_file={str(config)!r}, return_state=True)\n"
+        "print(state.type.value, state.state_details.flow_run_id)\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                            text=True, env=client_env(prefect_server), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state, run_id = result.stdout.split()[-2:]
+    assert state == "COMPLETED"
+    api: Api = prefect_server["api"]
+    expected = ("download: 3 files in, 2 out, 1 dropped (no_matching_files: 1)",
+                f"{tmp_path / 'absent' / '*.txt'} matches no file")  # logged by a worker
+    deadline = time.monotonic() + 30
+    while not all(any(e in line for line in api.logs(run_id)) for e in expected):
+        assert time.monotonic() < deadline, api.logs(run_id)
+        time.sleep(1)
+
+
 # ---------------------------------------------------------------- the trainer as a child
 
 
