@@ -218,6 +218,47 @@ def mtimes(*folders: Path) -> dict[Path, int]:
     return {p: p.stat().st_mtime_ns for f in folders for p in f.rglob("*") if p.is_file()}
 
 
+# ---------------------------------------------------------------- the server's address
+
+
+def test_the_ui_of_a_server_on_another_port_calls_that_port(prefect_server: dict) -> None:
+    port = prefect_server["port"]
+    settings = httpx.get(f"http://127.0.0.1:{port}/ui-settings", timeout=30).json()
+    assert settings["api_url"] == f"http://127.0.0.1:{port}/api"
+
+
+@pytest.mark.parametrize("host, ui_api", [("127.0.0.1", "http://127.0.0.1:4321/api"),
+                                          ("10.1.2.3", "http://10.1.2.3:4321/api"),
+                                          ("::1", "http://[::1]:4321/api"),
+                                          ("0.0.0.0", "/api")])
+def test_server_flags_set_the_server_s_address_and_its_ui_s_api(monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path, host: str,
+                                                               ui_api: str) -> None:
+    from cli.main import build_parser
+    from cli.orchestration import server_environment
+
+    monkeypatch.delenv("PREFECT_UI_API_URL", raising=False)
+    args = build_parser().parse_args(["server", "--host", host, "--port", "4321",
+                                      "--home", str(tmp_path)])
+    env = server_environment(args)
+    assert (env["PREFECT_SERVER_API_HOST"], env["PREFECT_SERVER_API_PORT"]) == (host, "4321")
+    assert env["PREFECT_UI_API_URL"] == ui_api
+
+
+def test_serve_and_run_find_a_server_on_another_port_by_flag(prefect_server: dict) -> None:
+    """Without PREFECT_API_URL, `--port` (and `--host`) say where the server is."""
+    script = ("import argparse; from pathlib import Path; from cli.orchestration import _connect\n"
+              f"args = argparse.Namespace(host='127.0.0.1', port={prefect_server['port']}, "
+              f"home=Path({str(prefect_server['home'])!r}), quiet=True, debug=False)\n"
+              "print(_connect(args, required=True))\n"
+              "import prefect.settings as s; print(s.PREFECT_API_URL.value())\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == [prefect_server["api"].url] * 2
+
+
 # ---------------------------------------------------------------- parameters and cache keys
 
 
