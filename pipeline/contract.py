@@ -173,25 +173,18 @@ def stage_lock(name: str, folder: Path) -> Iterator[None]:
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as lock:
+    with open(path, "a") as lock:  # never written: a finished rerun changes no file
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "another process"
-            raise StageError(f"the {name} stage in {folder} is being written by a running "
-                             f"forge ({holder}); wait for it to end or stop it, then rerun"
-                             ) from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"pid {os.getpid()}")
-        lock.flush()
+            raise StageError(f"the {name} stage in {folder} is being written by another forge "
+                             f"process (it holds {path}); wait for it to end or stop it, then "
+                             "rerun") from None
         _HELD.add(path)
         try:
             yield
         finally:
             _HELD.discard(path)
-            lock.truncate(0)
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
