@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage_opts.add_argument("--source", action="append", metavar="[NAME=]PATH_OR_URL_OR_GLOB",
                             help="replaces the config's sources; repeatable; NAME picks the "
                             "filter rules (filter.per_source.NAME)")
-    stage_opts.add_argument("--workers", type=int, help="worker processes")
+    stage_opts.add_argument("--workers", type=at_least_one, help="worker processes")
     stage_opts.add_argument("--overwrite", action="store_true",
                             help="discard this stage's output made with another config")
     for spec in STAGES:
@@ -86,6 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     assistant.register(commands, common)
     return parser
+
+
+def at_least_one(text: str) -> int:
+    """An argparse type: a count of processes (0 would silently fall back to the config)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 # ---------------------------------------------------------------- data stages

@@ -40,6 +40,10 @@ class SourceConfig(Strict):
     max_docs: int | None = Field(
         default=None, ge=1, description="Stop after this many documents (hf:// only)."
     )
+    optional: bool = Field(
+        default=False, description="Run without this source when it matches no file (a counted "
+        "drop); otherwise a source that matches nothing fails the run before any work."
+    )
 
     @field_validator("uri")
     @classmethod

@@ -173,6 +173,9 @@ def plan_units(cfg: ForgeConfig) -> list[Unit]:
             units.append(_unit(prefix, target, kind, source.uri, source))
             continue
         matches = _expand_local(source.uri)
+        if not matches and not source.optional:
+            raise StageError(f"data.sources[{index}] ({source.uri}) matches no file: fix the "
+                             "path, or mark the source `optional: true` to run without it")
         if not matches:
             units.append(_unit(prefix, "no_match", "missing", source.uri, source))
         base = _glob_base(source.uri)
@@ -486,13 +489,14 @@ def run_download(cfg: ForgeConfig, progress: ProgressFn | None = None,
     if not cfg.data.sources:
         raise StageError("data.sources is empty: list at least one source in the config, or "
                          "pass --source PATH_OR_URL_OR_GLOB")
+    planned = plan_units(cfg)  # a required source that matches nothing fails here, before work
 
     def work(stage: Stage) -> dict:
         files_dir = stage.folder / "files"
         files_dir.mkdir(parents=True, exist_ok=True)
         common = {"out_dir": str(files_dir),
                   "download": cfg.data.download.model_dump(mode="json")}
-        units = [Unit(u.id, {**u.payload, **common}) for u in plan_units(cfg)]
+        units = [Unit(u.id, {**u.payload, **common}) for u in planned]
         records = stage.run_units(units, download_unit, cfg.workers, progress,
                                   executor=cfg.executor)
         for index, source in enumerate(cfg.data.sources):

@@ -8,7 +8,7 @@ members so that a large archive spreads over the workers.
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from pipeline.config import ExtractConfig, ForgeConfig
 from pipeline.contract import ProgressFn, Stage, Unit, UnitResult, run_stage
@@ -60,7 +60,7 @@ def extract_unit(payload: dict) -> UnitResult:
             continue
         writer.result.repaired.update(item.repairs)
         writer.keep({
-            "id": f"{payload['source']}/{payload['rel']}/{item.name}",
+            "id": f"{payload['source']}/{PurePosixPath(payload['rel']).parent / item.name}",
             "text": text,
             "source": payload["source"],
             "url": item.url,

@@ -452,7 +452,8 @@ def test_local_glob_is_one_unit_per_file(tmp_path):
     pattern = str(DATA / "books" / "pg11*.txt.gz")
     expected = sorted(p for p in (DATA / "books").glob("pg11*.txt.gz"))
     assert len(expected) >= 3
-    cfg = make_config(tmp_path, [{"uri": pattern}, {"uri": str(tmp_path / "none" / "*.txt")}],
+    cfg = make_config(tmp_path, [{"uri": pattern},
+                                 {"uri": str(tmp_path / "none" / "*.txt"), "optional": True}],
                       workers=2)
     assert [u.payload["kind"] for u in plan_units(cfg)] == ["local"] * len(expected) + ["missing"]
 
@@ -466,6 +467,34 @@ def test_local_glob_is_one_unit_per_file(tmp_path):
     assert {f["source"] for f in manifest["files"]} == {"books"}
     units = sorted((tmp_path / "work" / "download" / "units").glob("*.json"))
     assert len(units) == len(expected) + 1
+
+
+def test_a_required_source_that_matches_nothing_fails_before_work_naming_it(tmp_path):
+    typo = str(tmp_path / "bookz" / "*.txt")
+    config = write_config(tmp_path / "forge.yaml", tmp_path / "work",
+                          [{"uri": str(DATA / "books" / "the-verdict.txt")}, {"uri": typo}])
+    result = forge("prepare", "--config", str(config), check=False)
+    assert result.returncode == 2
+    assert f"data.sources[1] ({typo}) matches no file" in result.stderr
+    assert "optional: true" in result.stderr
+    assert not list((tmp_path / "work" / "download").glob("units/*.json"))  # no unit ran
+
+
+def test_a_failing_unit_prints_one_sentence_and_its_traceback_only_with_debug(tmp_path):
+    import yaml
+
+    config = write_config(tmp_path / "forge.yaml", tmp_path / "work",
+                          [{"uri": "http://127.0.0.1:9/x.txt"}])  # port 9: connection refused
+    raw = yaml.safe_load(config.read_text())
+    raw["data"]["download"] = {"retries": 1, "backoff_s": 0.01}
+    config.write_text(yaml.safe_dump(raw))
+    result = forge("prepare", "--config", str(config), "--quiet", check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "x.txt" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: download: 1 unit(s) failed")
+    debug = forge("prepare", "--config", str(config), "--quiet", "--debug", check=False)
+    assert "Traceback" in debug.stderr and "giving up after 2 failed attempts" in debug.stderr
 
 
 def test_recursive_glob_keeps_subfolders_apart(tmp_path):
@@ -482,7 +511,7 @@ def test_recursive_glob_keeps_subfolders_apart(tmp_path):
 
 
 def test_no_file_from_any_source_fails_the_stage(tmp_path):
-    cfg = make_config(tmp_path, [{"uri": str(tmp_path / "nothing" / "*.gz")}])
+    cfg = make_config(tmp_path, [{"uri": str(tmp_path / "nothing" / "*.gz"), "optional": True}])
     with pytest.raises(StageError, match="no source yielded a file; check the sources"):
         run_download(cfg)
 
@@ -623,7 +652,7 @@ def test_cli_names_the_fix_when_no_source_yields_a_file(tmp_path):
                           [{"uri": str(tmp_path / "nothing" / "*.gz")}], workers=1)
     failed = forge("download", "--config", str(config), "--quiet", check=False)
     assert failed.returncode == 2
-    assert "no source yielded a file; check the sources' paths or URLs" in failed.stderr
+    assert "matches no file: fix the path" in failed.stderr
     forge("download", "--config", str(config), "--quiet", "--source", str(BOOK), "--overwrite")
     manifest = json.loads((tmp_path / "work" / "download" / "manifest.json").read_text())
     assert [f["sha256"] for f in manifest["files"]] == [BOOK_SHA]

@@ -231,3 +231,23 @@ def test_a_corrupt_zarr_json_is_named_with_the_command_that_rebuilds_it(tmp_path
         assert result.returncode == 2
         assert f"{dataset / 'zarr.json'} is corrupt" in result.stderr
         assert "forge tokenize --config" in result.stderr and "--overwrite" in result.stderr
+
+
+def test_zero_workers_is_rejected_naming_the_option(tmp_path: Path) -> None:
+    result = forge("prepare", "--config", "configs/demo.yaml", "--workers", "0", check=False)
+    assert result.returncode == 2
+    assert "argument --workers: must be at least 1, got 0" in result.stderr
+
+
+def test_the_dataset_artifact_gives_each_drop_reason_its_own_row(prepared: Path) -> None:
+    from flows.artifacts import dataset_markdown
+    from pipeline.stats import dataset_stats
+
+    stats = dataset_stats(prepared / "tokenize" / "dataset.zarr")
+    markdown = dataset_markdown(stats)
+    reasons = [(row["stage"], reason, n) for row in stats["stages"]
+               for reason, n in row["dropped"].items()]
+    assert len(reasons) > 3
+    for stage, reason, n in reasons:
+        assert f"| {stage} | {reason} | {n:,} |" in markdown.splitlines()
+    assert max(len(line) for line in markdown.splitlines() if line.startswith("|")) < 100

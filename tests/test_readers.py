@@ -228,6 +228,18 @@ def test_broken_warc_record_is_counted_and_earlier_records_kept(tmp_path: Path) 
     assert drops[-1].reason in ("corrupt_warc_record", "truncated_warc_record")
 
 
+def test_a_warc_record_cut_inside_its_headers_is_described_not_a_python_error(
+        tmp_path: Path) -> None:
+    raw = gzip.decompress((DATA / "warc" / "dolma-sample-0000.warc.gz").read_bytes())
+    cut = raw.index(b"WARC-Warcinfo-ID", raw.index(b"Host: talaugust.github.io"))
+    path = tmp_path / "cut.warc"
+    path.write_bytes(raw[: cut + len(b"WARC-Warcinfo-ID")])  # no WARC-Target-URI yet
+    _, drops = read_all(path)
+    assert drops[-1].reason == "corrupt_warc_record"
+    assert "malformed WARC headers" in drops[-1].detail
+    assert "WARC-Target-URI" in drops[-1].detail and "NoneType" not in drops[-1].detail
+
+
 def test_zip_members_become_documents_and_escaping_paths_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "a.zip"
     with zipfile.ZipFile(path, "w") as z:
