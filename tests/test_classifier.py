@@ -21,7 +21,7 @@ from pipeline.classifier import (
 )
 from pipeline.config import ConfigError, load_config, validate_config
 from pipeline.documents import iter_documents
-from pipeline.filter import run_filter
+from pipeline.filter import rules_fingerprint, run_filter
 from pipeline.tokenize import run_tokenize
 
 POSITIVE_SOURCES = [str(DATA / "instruct" / "rasbt-instruction-data.json"),
@@ -206,3 +206,15 @@ def test_threshold_and_top_fraction_together_fail_at_load() -> None:
     with pytest.raises(ConfigError, match="data.filter.classifier': set threshold or "
                                           "top_fraction, not both"):
         validate_config(raw)
+
+
+def test_another_model_file_changes_the_filter_fingerprint(trained: tuple[Path, dict],
+                                                           tmp_path: Path) -> None:
+    model, _ = trained
+    other = tmp_path / "other.bin"
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 0xFF  # one weight changed: same size, other scores
+    other.write_bytes(bytes(data))
+    fingerprints = {rules_fingerprint(validate_config({"data": {"filter": {"classifier": {
+        "model": str(path), "threshold": 0.5}}}}).data.filter) for path in (model, other)}
+    assert len(fingerprints) == 2
