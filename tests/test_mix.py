@@ -92,6 +92,12 @@ def test_the_mix_is_recorded_and_shown(mixed_run: tuple[Path, Path]) -> None:
     assert tokens["speeches"]["after_mix"] == tokens["speeches"]["before_mix"] > 0
     assert 0 < tokens["web"]["after_mix"] < tokens["web"]["before_mix"]
     assert attrs["splits"]["train"]["tokens"] == sum(t["after_mix"] for t in tokens.values())
+    from flows.artifacts import dataset_markdown
+    from pipeline.stats import dataset_stats
+
+    markdown = dataset_markdown(dataset_stats(work / "tokenize" / "dataset.zarr"))
+    books = tokens["books"]
+    assert f"| 2 | {books['before_mix']:,} | {books['after_mix']:,} |" in markdown
     shown = forge("stats", str(work)).stdout
     before, after = tokens["books"]["before_mix"], tokens["books"]["after_mix"]
     assert f"{before:,}" in shown and f"{after:,}" in shown and "tokens after" in shown
