@@ -27,6 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a fastText classifier (default: train one here)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS / "classifier_throughput.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
@@ -58,7 +59,7 @@ def main() -> None:
     print_table(f"scoring {len(texts)} documents of {mb:.1f} MB, {read_mb:.1f} MB read "
                 f"(median of {args.repeats})",
                 ["side", "CPU s", "MB read/s per core", "docs/s per core"], rows)
-    write_json(RESULTS / "classifier_throughput.json", {
+    write_json(args.out, {
         "machine": machine_info(["fasttext-numpy2", "fasttext-predict"]),
         "inputs": {"documents": len(texts), "mb": round(mb, 2),
                    "mb_read": round(read_mb, 2), "model": model if args.model

@@ -28,6 +28,7 @@ SMOKE: dict[str, list[str]] = {
     "filter_report.py": ["--extract", "{extract}", "--config", "{config}", "--examples", "1",
                          "--out-dir", "{tmp}/filter_report"],
     "dedup_quality.py": ["--web-sample", "10", "--book-sample", "3", "--embed-sample", "2"],
+    "classifier_throughput.py": ["--repeats", "1"],
     "minhash_throughput.py": ["--mb", "0.2", "--repeats", "1", "--forge-passes", "1"],
     "pretrain_vs_nanogpt.py": ["--steps", "3", "--eval-windows", "8"],
     "loader_throughput.py": ["--batches", "20", "--repeats", "1"],
