@@ -95,26 +95,38 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+class ReLUSquared(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        # GPT-2's "gelu_new", or ReLU squared
+        self.act = nn.GELU(approximate="tanh") if config.mlp == "gelu" else ReLUSquared()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
@@ -126,23 +138,32 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if not config.rotary:  # learned positions, added to the token embeddings
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
+                **modules,
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+                ln_f=make_norm(config),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
         self.apply(self._init_weights)
-        # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2 * n_layer):
-        # each layer adds two of them, and this keeps the residual's variance from growing.
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if config.zero_init and (name.endswith("c_proj.weight") or name == "lm_head.weight"):
+                nn.init.zeros_(p)
+            elif name.endswith("c_proj.weight"):
+                # GPT-2 scales the projections that write into the residual stream by
+                # 1/sqrt(2 * n_layer): each layer adds two, and this keeps the variance level.
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.norm == "rmsnorm":
+            # normalized before use, so only its scale relative to Adam's steps matters: unit
+            # scale as nn.Embedding's default, which modded-nanogpt keeps (embedding lr 0.3-0.6)
+            nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -156,12 +177,16 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters (the tied wte/lm_head counted once).
 
-        non_embedding subtracts the position embeddings only, as nanoGPT: the token embeddings
-        are used as the output projection too, so they do real compute.
+        non_embedding subtracts the lookups, which do no matmul: the position embeddings, as
+        nanoGPT, and the token embeddings when untied (tied, they are the head too).
         """
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel()
+            n -= sum(
+                m.weight.numel()
+                for name, m in self.transformer.items()
+                if name == "wpe" or (name == "wte" and not self.config.tie_embeddings)
+            )
         return n
 
     def forward(
@@ -184,20 +209,31 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence of {start + T} positions exceeds block_size {self.config.block_size}"
             )
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)
+        if self.config.norm == "rmsnorm":
+            x = F.rms_norm(x, (x.size(-1),))
+        if not self.config.rotary:
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, cache)
         if cache is not None:
             cache.length += T
         x = self.transformer.ln_f(x)
         if targets is not None:
-            logits = self.lm_head(x)
+            logits = self.head(x)
             loss = F.cross_entropy(
                 logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
             )
             return logits, loss
-        return self.lm_head(x[:, -1:] if last_only else x), None
+        return self.head(x[:, -1:] if last_only else x), None
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the final hidden states, soft-capped when the config says so (in float32,
+        where tanh keeps its precision)."""
+        logits = self.lm_head(x)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits.float() / cap) if cap > 0 else logits
 
     def configure_optimizer(
         self,

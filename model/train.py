@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from model.checkpoint import PRETRAIN_FORMAT, check_compatible
+from model.checkpoint import PRETRAIN_FORMAT, check_compatible, check_recipe
 from model.config import PretrainConfig, PretrainConfigError
 from model.data import ShardError, ShardLoader, check_shards
 from model.gpt import GPT
@@ -85,6 +85,8 @@ class Pretraining(TrainingRun):
 
     def build(self, saved: dict | None) -> torch.nn.Module:
         cfg, dist_info = self.cfg, self.dist
+        if saved is not None:
+            check_recipe(saved, self.resumed_from, cfg.recipe)
         # data first: a bad dataset fails before any model is built
         try:
             self.dataset = TokenDataset(cfg.dataset_path(self.work.root))
