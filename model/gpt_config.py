@@ -70,6 +70,6 @@ ARCHITECTURES: dict[str, dict[str, object]] = {
     ),
     "modern": dict(
         bias=False, norm="rmsnorm", mlp="relu2", tie_embeddings=False, zero_init=True,
-        logit_softcap=15.0, rotary=False, qk_norm=False,
+        logit_softcap=15.0, rotary=True, qk_norm=True,
     ),
 }
