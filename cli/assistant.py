@@ -162,7 +162,7 @@ def export(args: argparse.Namespace) -> int:
     from model.inference import load_model
 
     model, state = load_model(args.checkpoint)
-    out = export_hf(model, args.out)
+    out = export_hf(model, args.out, source=state["path"])
     if not args.quiet:
         print(
             json.dumps(
