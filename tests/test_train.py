@@ -33,7 +33,8 @@ from model.checkpoint import (
 )
 from model.config import PretrainConfig, PretrainConfigError
 from model.data import ShardError
-from model.optim import lr_multiplier
+from model.gpt import GPT
+from model.optim import build_optimizer, lr_multiplier
 from model.runtime import read_log
 from model.train import run_pretrain
 from pipeline.shards import chunk_file
@@ -133,6 +134,28 @@ def test_batch_that_does_not_divide_fails_naming_the_fields() -> None:
 def test_bad_config_is_refused(section: dict, needle: str) -> None:
     with pytest.raises(PretrainConfigError, match=needle):
         validate_training_section("pretrain", section)
+
+
+def test_modern_optimizer_groups_and_schedule() -> None:
+    """Muon on the blocks' matrices, AdamW with its own rate for embeddings, head and gains;
+    warmup, a constant stretch, then a linear decay to 0 over the last cooldown_frac."""
+    cfg = PretrainConfig(preset="tiny", recipe="modern", warmup_steps=2, cooldown_frac=0.5)
+    model = GPT(cfg.gpt_config(512))
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert [g["initial_lr"] for g in groups.values()] == [0.02, 0.3, 0.008, 0.04]
+    assert isinstance(optimizer.optimizers[0], torch.optim.Muon)
+    matrices = groups["matrix"]["params"]
+    assert all(p.dim() == 2 for p in matrices) and len(matrices) == 8  # 4 per block
+    assert groups["head"]["params"] == [model.lm_head.weight]
+    assert [lr_multiplier(s, cfg, 10) for s in (0, 1, 2, 5, 6, 8, 9, 10)] == [
+        0.5, 1.0, 1.0, 1.0, 0.8, 0.4, 0.2, 0.0]
+    for p in model.transformer.h.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="pretrain.recipe modern trains the blocks' 2-D matrices"
+                       " with Muon, and this model has none that are trainable; use pretrain."
+                       "recipe: gpt2"):
+        build_optimizer(model, cfg, torch.device("cpu"))
 
 
 def test_yaml_section_and_defaults(tmp_path: Path) -> None:
