@@ -526,11 +526,13 @@ def test_modern_recipe_fine_tunes_full_and_lora_and_chats(tmp_path: Path, enc) -
     model, _ = load_model(tmp_path / "lora")
     assert model.config.rotary and not model.config.tie_embeddings
     chat = Chat(model, enc, GenerationSettings(temperature=0, max_new_tokens=10))
-    reply = "".join(chat.reply("Name item 3: cloud sand"))
+    reply = chat.reply("Name item 3: cloud sand")
     prompt = enc.encode_ordinary(format_prompt("Name item 3: cloud sand"))
-    out = model.generate(torch.tensor([prompt]), 10, temperature=0, eos_id=EOT_ID,
-                         use_cache=False)[0, len(prompt):].tolist()
-    assert reply == enc.decode(out[: out.index(EOT_ID)] if EOT_ID in out else out)
+    seq = list(prompt)  # greedy full forwards without a cache
+    while seq[-1] != EOT_ID and len(seq) < len(prompt) + 10:
+        seq.append(int(model(torch.tensor([seq]))[0][0, -1].argmax()))
+    greedy = enc.decode([t for t in seq[len(prompt):] if t != EOT_ID])
+    assert reply and greedy.startswith(reply)  # the reply may end early at a stop string
 
 
 def test_unusable_data_fails_with_a_message(pretrained: Path, tmp_path: Path) -> None:
