@@ -525,14 +525,15 @@ def test_modern_recipe_fine_tunes_full_and_lora_and_chats(tmp_path: Path, enc) -
     assert lora["trainable"] < lora["params"] / 50
     model, _ = load_model(tmp_path / "lora")
     assert model.config.rotary and not model.config.tie_embeddings
-    chat = Chat(model, enc, GenerationSettings(temperature=0, max_new_tokens=10))
+    chat = Chat(model, enc, GenerationSettings(temperature=0, max_new_tokens=10,
+                                               frequency_penalty=0.0))
     reply = chat.reply("Name item 3: cloud sand")
     prompt = enc.encode_ordinary(format_prompt("Name item 3: cloud sand"))
     seq = list(prompt)  # greedy full forwards without a cache
     while seq[-1] != EOT_ID and len(seq) < len(prompt) + 10:
         seq.append(int(model(torch.tensor([seq]))[0][0, -1].argmax()))
     greedy = enc.decode([t for t in seq[len(prompt):] if t != EOT_ID])
-    assert reply and greedy.startswith(reply)  # the reply may end early at a stop string
+    assert reply and greedy.strip().startswith(reply)  # a reply may end at a stop string
 
 
 def test_unusable_data_fails_with_a_message(pretrained: Path, tmp_path: Path) -> None:
