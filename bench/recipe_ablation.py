@@ -101,7 +101,8 @@ def main() -> None:
     t0 = time.perf_counter()
     result = train_interleaved(sides, args.log_every)
     wall = time.perf_counter() - t0
-    after = {s.name: held_out_loss(s.model, val, args.eval_windows) for s in sides}
+    after = {s.name: held_out_loss(s.model, val, args.eval_windows, s.model.config.block_size)
+             for s in sides}
 
     reference = after[sides[0].name]
     rows, figures = [], {}
