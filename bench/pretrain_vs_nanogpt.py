@@ -19,7 +19,8 @@ is the sum of its step times (evaluations and checkpoints excluded on both sides
 end both are evaluated in fp32 on the same fixed windows of the held-out books. forge wins
 when its loss is lower and its time is not longer.
 
-    python bench/pretrain_vs_nanogpt.py [--config configs/demo.yaml] [--eval-windows 256]
+    python bench/pretrain_vs_nanogpt.py [--config configs/demo.yaml] [--recipe modern]
+                                        [--eval-windows 256] [--seed 1337]
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from common import (
 )
 
 from configs.run import load_training_section
-from model.config import PretrainConfig
+from model.config import GPT2_ONLY, MODERN_ONLY, PretrainConfig
 from model.gpt import GPT, GPTConfig
 from model.runtime import compute_init
 from model.train import Pretraining
@@ -196,6 +197,21 @@ class ForgeSide:
         return float(loss)
 
 
+def parse_settings(text: str) -> dict[str, float]:
+    """"key=value,..." as pretrain fields (numbers)."""
+    pairs = (item.partition("=") for item in filter(None, text.split(",")))
+    return {key: float(value) for key, _, value in pairs}
+
+
+def with_recipe(cfg: PretrainConfig, spec: str) -> PretrainConfig:
+    """cfg trained by another recipe, "modern" or "modern:key=value,...": the fields only the
+    other recipe reads are dropped, the given ones set."""
+    recipe, _, settings = spec.partition(":")
+    drop = GPT2_ONLY if recipe == "modern" else MODERN_ONLY
+    fields = {k: v for k, v in cfg.model_dump(exclude_unset=True).items() if k not in drop}
+    return PretrainConfig(**fields | {"recipe": recipe} | parse_settings(settings))
+
+
 # ---------------------------------------------------------------- evaluation
 
 
@@ -242,6 +258,13 @@ def main() -> None:
         help="run config whose pretrain: recipe trains a forge side; repeatable "
         "(default configs/demo.yaml)",
     )
+    parser.add_argument(
+        "--recipe",
+        action="append",
+        default=[],
+        help="also train the first config's pretrain: with this recipe, e.g. modern or "
+        "modern:embedding_lr=0.1,head_lr=0.02; repeatable",
+    )
     parser.add_argument("--eval-windows", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1337, help="init and data order, both sides")
@@ -282,8 +305,12 @@ def main() -> None:
                 "seed": args.seed,
             }
         )
-        sides.append(ForgeSide(name, recipes[name], workdir / name.replace(":", "-")))
-        print(f"{name}: {recipes[name].model_dump(exclude_unset=True)}")
+    first = next(iter(recipes.values()))
+    for spec in args.recipe:
+        recipes[f"forge:{spec}"] = with_recipe(first, spec)
+    for i, (name, cfg) in enumerate(recipes.items()):
+        sides.append(ForgeSide(name, cfg, workdir / f"forge{i}"))
+        print(f"{name}: {cfg.model_dump(exclude_unset=True)}")
     if args.steps:
         for side in sides:
             side.max_steps = min(side.max_steps, args.steps)

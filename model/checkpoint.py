@@ -173,6 +173,17 @@ def load_checkpoint(
     return state
 
 
+def check_recipe(state: dict, path: str | Path, recipe: str) -> None:
+    """Refuse to resume a checkpoint of the other training recipe (another model and optimizer)."""
+    saved = state.get("train_config", {}).get("recipe", "gpt2")
+    if saved != recipe:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with pretrain.recipe {saved!r}, this config says "
+            f"{recipe!r}; set pretrain.recipe: {saved} to resume it, or start over with "
+            "--overwrite"
+        )
+
+
 def check_compatible(state: dict, path: str | Path, model_config: dict, fingerprint: str) -> None:
     """Refuse a checkpoint made for another model shape or another dataset."""
     saved = state.get("model_config", {})

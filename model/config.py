@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from model.gpt_config import PRESETS, GPTConfig
+from model.gpt_config import ARCHITECTURES, PRESETS, GPTConfig
 from pipeline.files import WorkFolder
 
 
@@ -21,10 +21,24 @@ class PretrainConfigError(ValueError):
     """A pretraining misconfiguration, in one sentence that names the fields and the fix."""
 
 
+# the optimizer fields that only one recipe reads
+GPT2_ONLY = frozenset({"lr", "min_lr", "weight_decay"})
+MODERN_ONLY = frozenset(
+    {"matrix_lr", "embedding_lr", "head_lr", "gain_lr", "muon_momentum", "cooldown_frac"}
+)
+
+
 class PretrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # ------------------------------------------------------------ model
+    recipe: Literal["gpt2", "modern"] = Field(
+        default="gpt2",
+        description="gpt2: GPT-2's architecture and AdamW with cosine decay (imports and exports "
+        "OpenAI's weights). modern: rotary, QK-norm, RMSNorm, ReLU squared, untied head, "
+        "zero-initialized projections, soft-capped logits; Muon for the blocks' matrices, AdamW "
+        "for the rest, warmup-stable-decay (modded-nanogpt, nanochat).",
+    )
     preset: str = Field(
         default="small",
         description=f"Model preset from model.gpt.PRESETS: {', '.join(PRESETS)}.",
@@ -80,17 +94,47 @@ class PretrainConfig(BaseModel):
         "total_batch_tokens / (micro_batch_size * block_size * world_size), which must be whole.",
     )
     max_steps: int = Field(default=200, ge=1, description="Optimizer steps to train for.")
-    lr: float = Field(default=6e-4, gt=0, le=1.0, description="Peak learning rate.")
+    lr: float = Field(default=6e-4, gt=0, le=1.0, description="gpt2: peak learning rate.")
     min_lr: float = Field(
-        default=6e-5, ge=0, description="Floor the cosine decays to (at most lr); 0.1 * lr usual."
+        default=6e-5, ge=0, description="gpt2: floor the cosine decays to (at most lr); 0.1 * lr."
     )
     warmup_steps: int = Field(
         default=10, ge=0, description="Linear warmup steps (at most max_steps)."
     )
     weight_decay: float = Field(
-        default=0.1, ge=0, description="AdamW decay of matrices and embeddings."
+        default=0.1, ge=0, description="gpt2: AdamW decay of matrices and embeddings."
     )
     betas: tuple[float, float] = Field(default=(0.9, 0.95), description="AdamW betas.")
+    # the modern recipe's optimizer; published values (modded-nanogpt records/track_1_short,
+    # nanochat scripts/base_train.py and nanochat/gpt.py setup_optimizer)
+    matrix_lr: float = Field(
+        default=0.02, gt=0, le=1.0,
+        description="modern: Muon's lr for the blocks' matrices (modded-nanogpt 2024-11-03 "
+        "record and nanochat: 0.02).",
+    )
+    embedding_lr: float = Field(
+        default=0.3, gt=0, le=10.0,
+        description="modern: AdamW's lr for the token embeddings (modded-nanogpt 2024-11-03 "
+        "record and nanochat: 0.3).",
+    )
+    head_lr: float = Field(
+        default=0.008, gt=0, le=1.0,
+        description="modern: AdamW's lr for the head (nanochat unembedding_lr and modded-nanogpt "
+        "2024-11-19 record: 0.008).",
+    )
+    gain_lr: float = Field(
+        default=0.04, gt=0, le=1.0,
+        description="modern: AdamW's lr for the norm gains (modded-nanogpt 2024-11-19 record's "
+        "scalars: 0.04).",
+    )
+    muon_momentum: float = Field(
+        default=0.95, ge=0, lt=1.0, description="modern: Muon's momentum (both: 0.95)."
+    )
+    cooldown_frac: float = Field(
+        default=0.6, gt=0, le=1.0,
+        description="modern: the last fraction of the steps over which the lr decays linearly "
+        "to 0 (modded-nanogpt train_gpt.py: 0.6; nanochat warmdown_ratio: 0.65).",
+    )
     grad_clip: float = Field(
         default=1.0, ge=0, description="Clip the global gradient norm to this; 0 disables."
     )
@@ -126,6 +170,14 @@ class PretrainConfig(BaseModel):
             raise ValueError(
                 f"preset {self.preset!r} is unknown; valid presets: {', '.join(PRESETS)}"
             )
+        mine = MODERN_ONLY if self.recipe == "gpt2" else GPT2_ONLY
+        foreign = sorted(mine & self.model_fields_set)
+        if foreign:
+            other = "modern" if self.recipe == "gpt2" else "gpt2"
+            raise ValueError(
+                f"{', '.join(foreign)} belong to the {other} recipe, and recipe is "
+                f"{self.recipe!r}; set recipe: {other} or remove them"
+            )
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr {self.min_lr} is above lr {self.lr}; lower min_lr")
         if self.warmup_steps > self.max_steps:
@@ -143,6 +195,7 @@ class PretrainConfig(BaseModel):
             for name in ("n_layer", "n_head", "n_embd", "block_size", "dropout")
             if getattr(self, name) is not None
         }
+        overrides.update(ARCHITECTURES[self.recipe])
         vocab = self.vocab_size or vocab_size
         if vocab is not None:
             overrides["vocab_size"] = vocab

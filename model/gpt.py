@@ -8,55 +8,78 @@ transposed relative to nn.Linear, so c_attn/c_proj/c_fc need a .t() on import).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from model.gpt_config import PRESETS, GPTConfig  # noqa: F401 - PRESETS is part of this API
-from pipeline.encoding import VOCAB_SIZE
 
 # Dense bf16 peak FLOP/s per GPU, for MFU. The SXM parts; PCIe cards are lower.
 PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
 
 
 class KVCache:
-    """Keys and values of past positions, one preallocated buffer per layer.
+    """Keys and values of past positions for a batch of rows, preallocated: (B, heads, max_len,
+    head_dim) per layer.
 
-    Buffers of shape (B, n_head, max_len, head_dim) are allocated on a layer's first write, with
-    the dtype and device of the keys written, so the cache just works under autocast. `length`
-    is the number of positions stored; it is also the position of the next token fed.
+    Each row keeps its own length: a forward writes every row's new tokens at that row's own
+    positions, so rows of different lengths share one forward, and a query attends to the keys
+    of its row up to its own position. Buffers are allocated on a layer's first write, with the
+    dtype and device of the keys written, so the cache just works under autocast.
+
+    Before a forward the caller sets `rows`, the cache rows the batch's rows are (None: all, in
+    order), and `span`, how many columns attention reads (longest row after the step: a short
+    answer does not pay for max_len).
     """
 
-    def __init__(self, n_layer: int, max_len: int) -> None:
+    def __init__(self, n_layer: int, batch_size: int, max_len: int) -> None:
+        self.batch_size = batch_size
         self.max_len = max_len
-        self.length = 0
+        self.rows: torch.Tensor | None = None
+        self.span = max_len
         self.k: list[torch.Tensor | None] = [None] * n_layer
         self.v: list[torch.Tensor | None] = [None] * n_layer
 
-    def reset(self) -> None:
-        """Forget all positions; the buffers are kept for reuse."""
-        self.length = 0
-
     def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, H, T, D) after the cached prefix; return keys/values of prefix + new."""
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H, T, D) at positions (B, T); return the keys and values of the rows'
+        first `span` columns and the attention mask (B, 1, T, span): keys up to each position."""
         B, H, T, D = k.shape
-        end = self.length + T
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+        if self.k[layer] is None:
+            self.k[layer] = k.new_zeros(self.batch_size, H, self.max_len, D)
+            self.v[layer] = v.new_zeros(self.batch_size, H, self.max_len, D)
         kbuf, vbuf = self.k[layer], self.v[layer]
-        if kbuf is None or vbuf is None or kbuf.shape[0] != B or kbuf.dtype != k.dtype:
-            if self.length > 0:
-                raise ValueError("batch size or dtype changed while the cache holds positions")
-            kbuf = k.new_empty(B, H, self.max_len, D)
-            vbuf = v.new_empty(B, H, self.max_len, D)
-            self.k[layer], self.v[layer] = kbuf, vbuf
-        kbuf[:, :, self.length : end] = k
-        vbuf[:, :, self.length : end] = v
-        return kbuf[:, :, :end], vbuf[:, :, :end]
+        rows = self.rows if self.rows is not None else torch.arange(B, device=k.device)
+        kbuf[rows[:, None], :, positions] = k.transpose(1, 2)  # (B, T, H, D) per (row, position)
+        vbuf[rows[:, None], :, positions] = v.transpose(1, 2)
+        if self.rows is None and k.size(0) == self.batch_size:
+            keys, values = kbuf[:, :, : self.span], vbuf[:, :, : self.span]
+        else:
+            keys, values = kbuf[rows, :, : self.span], vbuf[rows, :, : self.span]
+        columns = torch.arange(self.span, device=k.device)
+        return keys, values, (columns <= positions[:, :, None]).unsqueeze(1)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (RoFormer, arXiv 2104.09864) in the rotate-half layout of
+    Llama and modded-nanogpt: channel i pairs with channel i + head_size/2, rotated by
+    position * base^(-2i/head_size). Base 10000, as RoFormer and modded-nanogpt."""
+
+    def __init__(self, head_size: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate x (B, H, T, D) by positions (B, T) or (T,)."""
+        angles = positions.unsqueeze(-1).float() * self.inv_freq  # (B, T, D/2) or (T, D/2)
+        if angles.dim() == 3:
+            angles = angles.unsqueeze(1)  # one rotation per row, shared by its heads
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -65,60 +88,73 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
-        self.layer_idx = layer_idx  # which slot of a KVCache this layer uses
+        self.layer_idx = layer_idx  # which layer of a KVCache this one uses
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.qk_norm = config.qk_norm
+        self.rotary = Rotary(config.n_embd // config.n_head) if config.rotary else None
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """positions (B, T) or (T,): where each token sits in its row."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        start = 0 if cache is None else cache.length
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-        # SDPA's is_causal aligns the mask top-left, which is only right without a prefix. One new
-        # token may see every cached position (no mask); a chunk after a prefix needs the causal
-        # mask shifted right by the prefix length.
-        mask = None
-        if start > 0 and T > 1:
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=start == 0,
-        )
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if self.rotary is not None:  # keys enter the cache rotated to their own positions
+            q, k = self.rotary(q, positions), self.rotary(k, positions)
+        if cache is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            )
+        else:
+            k, v, mask = cache.update(self.layer_idx, k, v, positions)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+
+class ReLUSquared(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
 
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        # GPT-2's "gelu_new", or ReLU squared
+        self.act = nn.GELU(approximate="tanh") if config.mlp == "gelu" else ReLUSquared()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), positions, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -126,23 +162,32 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if not config.rotary:  # learned positions, added to the token embeddings
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
+                **modules,
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+                ln_f=make_norm(config),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
         self.apply(self._init_weights)
-        # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2 * n_layer):
-        # each layer adds two of them, and this keeps the residual's variance from growing.
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if config.zero_init and (name.endswith("c_proj.weight") or name == "lm_head.weight"):
+                nn.init.zeros_(p)
+            elif name.endswith("c_proj.weight"):
+                # GPT-2 scales the projections that write into the residual stream by
+                # 1/sqrt(2 * n_layer): each layer adds two, and this keeps the variance level.
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.norm == "rmsnorm":
+            # normalized before use, so only its scale relative to Adam's steps matters: unit
+            # scale as nn.Embedding's default, which modded-nanogpt keeps (embedding lr 0.3-0.6)
+            nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -156,12 +201,16 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters (the tied wte/lm_head counted once).
 
-        non_embedding subtracts the position embeddings only, as nanoGPT: the token embeddings
-        are used as the output projection too, so they do real compute.
+        non_embedding subtracts the lookups, which do no matmul: the position embeddings, as
+        nanoGPT, and the token embeddings when untied (tied, they are the head too).
         """
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel()
+            n -= sum(
+                m.weight.numel()
+                for name, m in self.transformer.items()
+                if name == "wpe" or (name == "wte" and not self.config.tie_embeddings)
+            )
         return n
 
     def forward(
@@ -170,34 +219,48 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         *,
+        positions: torch.Tensor | None = None,
         last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) and the mean cross-entropy loss when targets are given.
 
-        Targets equal to -100 are left out of the loss (masked prompt tokens). With a cache, idx
-        holds only the new tokens: they take positions cache.length.. and the cache grows by T.
+        Targets equal to -100 are left out of the loss (masked prompt tokens). positions (B, T)
+        says where each token of idx sits in its row (default 0..T-1); with a cache, idx holds
+        only the new tokens and positions is required: each row continues at its own length.
         last_only returns logits for the last position only (B, 1, vocab), for sampling.
         """
         B, T = idx.shape
-        start = 0 if cache is None else cache.length
-        if start + T > self.config.block_size:
-            raise ValueError(
-                f"sequence of {start + T} positions exceeds block_size {self.config.block_size}"
-            )
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        if positions is None:
+            if cache is not None:
+                raise ValueError("a forward with a KV cache needs the positions of its tokens")
+            if idx.size(1) > self.config.block_size:
+                raise ValueError(
+                    f"sequence of {T} positions exceeds block_size {self.config.block_size}"
+                )
+            positions = torch.arange(T, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx)
+        if self.config.norm == "rmsnorm":
+            x = F.rms_norm(x, (x.size(-1),))
+        if not self.config.rotary:
+            x = x + self.transformer.wpe(positions)
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, cache)
-        if cache is not None:
-            cache.length += T
+            x = block(x, positions, cache)
         x = self.transformer.ln_f(x)
         if targets is not None:
-            logits = self.lm_head(x)
+            logits = self.head(x)
             loss = F.cross_entropy(
                 logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
             )
             return logits, loss
-        return self.lm_head(x[:, -1:] if last_only else x), None
+        return self.head(x[:, -1:] if last_only else x), None
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the final hidden states, soft-capped when the config says so (in float32,
+        where tanh keeps its precision)."""
+        logits = self.lm_head(x)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits.float() / cap) if cap > 0 else logits
 
     def configure_optimizer(
         self,
@@ -239,127 +302,3 @@ class GPT(nn.Module):
         tokens_per_s and peak_flops must cover the same hardware (e.g. both per GPU).
         """
         return self.estimate_flops_per_token(seq_len) * tokens_per_s / peak_flops
-
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_id: int | None = None,
-        use_cache: bool = True,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Append up to max_new_tokens sampled tokens to idx (B, T); returns (B, T + n).
-
-        A row that samples eos_id keeps the eos and is padded with eos_id afterwards; generation
-        stops once every row has. temperature 0 is greedy. Call model.eval() first.
-        """
-        steps = self._decode(
-            idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator
-        )
-        return torch.cat([idx, *steps], dim=1)
-
-    @torch.no_grad()
-    def stream(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_id: int | None = None,
-        use_cache: bool = True,
-        generator: torch.Generator | None = None,
-    ) -> Iterator[int]:
-        """Like generate for one sequence ((T,) or (1, T)), yielding each new token id as it comes.
-
-        Stops at eos_id without yielding it.
-        """
-        if idx.dim() == 1:
-            idx = idx.unsqueeze(0)
-        if idx.size(0) != 1:
-            raise ValueError(f"stream takes a single sequence, got batch size {idx.size(0)}")
-        for tok in self._decode(
-            idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator
-        ):
-            t = int(tok.item())
-            if t == eos_id:
-                return
-            yield t
-
-    def _decode(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float,
-        top_k: int | None,
-        top_p: float | None,
-        eos_id: int | None,
-        use_cache: bool,
-        generator: torch.Generator | None,
-    ) -> Iterator[torch.Tensor]:
-        """Yield the next tokens (B, 1) one step at a time.
-
-        Without a cache the context is cropped to the last block_size tokens. With one, only the
-        new token is fed; when the cache is full, it is refilled from the last block_size tokens.
-        Absolute position embeddings shift with the window, so past block_size every step is a
-        full re-prefill: exact (same tokens as without a cache), but no faster.
-        """
-        if idx.dim() != 2 or idx.size(1) == 0:
-            raise ValueError(f"idx must be (B, T) with T >= 1, got shape {tuple(idx.shape)}")
-        block_size = self.config.block_size
-        cache = KVCache(self.config.n_layer, block_size) if use_cache else None
-        seq, pending = idx, idx  # pending: tokens not yet in the cache
-        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            if cache is None:
-                logits, _ = self(seq[:, -block_size:], last_only=True)
-            else:
-                if cache.length + pending.size(1) > block_size:
-                    cache.reset()
-                    pending = seq[:, -block_size:]
-                logits, _ = self(pending, cache=cache, last_only=True)
-            # rows past GPT-2's vocabulary only pad the matrices (vocab_size 50304): never sampled
-            logits = logits[:, -1, :VOCAB_SIZE]
-            tok = sample_logits(logits, temperature, top_k, top_p, generator)
-            if eos_id is not None:
-                tok = torch.where(finished, torch.full_like(tok, eos_id), tok)
-                finished |= tok == eos_id
-            tok = tok.unsqueeze(1)
-            seq = torch.cat([seq, tok], dim=1)
-            pending = tok
-            yield tok
-            if eos_id is not None and bool(finished.all()):
-                return
-
-
-def sample_logits(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Sample one token per row of logits (B, vocab) -> (B,).
-
-    temperature 0 is greedy. top_k keeps the k most likely tokens; top_p keeps the smallest set
-    of most likely tokens whose probability reaches top_p (nucleus, as HF), never fewer than one.
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens strictly more likely already reach top_p.
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        drop[:, 0] = False
-        logits = logits.masked_fill(drop.scatter(-1, sorted_idx, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)

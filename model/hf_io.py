@@ -186,10 +186,17 @@ def _save_file(state: dict, path: Path) -> Path:
     return path
 
 
-def export_hf(model: GPT, out: str | Path) -> Path:
-    """Write config.json and model.safetensors (published GPT-2 layout) into the folder out."""
+def export_hf(model: GPT, out: str | Path, source: str | Path = "the model") -> Path:
+    """Write config.json and model.safetensors (published GPT-2 layout) into the folder out;
+    refuses, before writing anything, a model of another architecture (source names it)."""
     from safetensors.torch import save_file
 
+    if not model.config.gpt2_layout:
+        raise HFFormatError(
+            f"{source} is a model of pretrain.recipe modern (rotary, RMSNorm, untied head, ...), "
+            "which the GPT-2 layout cannot hold; only models trained with pretrain.recipe: gpt2 "
+            "export to it, and this one is used as forge's checkpoint"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.gpt import GPT, PRESETS, GPTConfig, KVCache, sample_logits
-from pipeline.encoding import VOCAB_SIZE
+from model.gpt import GPT, PRESETS, GPTConfig, KVCache
+from model.gpt_config import ARCHITECTURES
 
 VOCAB = 512  # vocabulary of the "lively" model used by the generation tests
 
@@ -29,11 +29,12 @@ def tiny() -> GPT:
     return make("tiny")
 
 
-@pytest.fixture(scope="module")
-def lively() -> GPT:
+@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+def lively(request: pytest.FixtureRequest) -> GPT:
     """Tiny model with large random weights: at GPT-2 init a tiny model repeats one token, which
-    would hide cache bugs; with these weights greedy output depends on the whole context."""
-    model = make("tiny", vocab_size=VOCAB)
+    would hide cache bugs; with these weights greedy output depends on the whole context. One
+    per recipe's architecture (the modern one: rotary positions in the cache)."""
+    model = make("tiny", vocab_size=VOCAB, **ARCHITECTURES[request.param])
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
@@ -150,104 +151,42 @@ def test_ignore_index_excluded_from_loss(tiny: GPT) -> None:
 def test_cached_logits_match_full_forward(lively: GPT) -> None:
     seq = prompt(40, batch=2, vocab=VOCAB)
     full, _ = lively(seq)
-    cache = KVCache(lively.config.n_layer, lively.config.block_size)
-    logits, _ = lively(seq[:, :10], cache=cache)  # prefill
-    torch.testing.assert_close(logits, full[:, :10], atol=1e-5, rtol=0)
+    cache = KVCache(lively.config.n_layer, 2, lively.config.block_size)
+
+    def step(start: int, end: int) -> torch.Tensor:
+        cache.span = end
+        positions = torch.arange(start, end).expand(2, end - start)
+        return lively(seq[:, start:end], cache=cache, positions=positions)[0]
+
+    torch.testing.assert_close(step(0, 10), full[:, :10], atol=1e-5, rtol=0)  # prefill
     for t in range(10, 30):  # one token at a time
-        logits, _ = lively(seq[:, t : t + 1], cache=cache)
-        torch.testing.assert_close(logits[:, -1], full[:, t], atol=1e-5, rtol=0)
-    logits, _ = lively(seq[:, 30:], cache=cache)  # a multi-token chunk after a prefix
-    torch.testing.assert_close(logits, full[:, 30:], atol=1e-5, rtol=0)
-    assert cache.length == 40
+        torch.testing.assert_close(step(t, t + 1)[:, -1], full[:, t], atol=1e-5, rtol=0)
+    # a multi-token chunk after a prefix
+    torch.testing.assert_close(step(30, 40), full[:, 30:], atol=1e-5, rtol=0)
 
 
-def test_cache_overflow_raises(tiny: GPT) -> None:
-    cache = KVCache(tiny.config.n_layer, 8)
-    tiny(prompt(8), cache=cache)
-    with pytest.raises(ValueError, match="overflow"):
-        tiny(prompt(1), cache=cache)
+def test_cache_rows_advance_at_their_own_positions(lively: GPT) -> None:
+    """Row 1 one token behind row 0 in one forward: each sees its own prefix only."""
+    seq = prompt(12, batch=2, vocab=VOCAB)
+    full, _ = lively(seq)
+    cache = KVCache(lively.config.n_layer, 2, 16)
+    cache.rows, cache.span = torch.tensor([0]), 10
+    lively(seq[:1, :10], cache=cache, positions=torch.arange(10)[None])
+    cache.rows, cache.span = torch.tensor([1]), 9
+    lively(seq[1:, :9], cache=cache, positions=torch.arange(9)[None])
+    cache.rows, cache.span = None, 11
+    logits, _ = lively(torch.stack([seq[0, 10:11], seq[1, 9:10]]), cache=cache,
+                       positions=torch.tensor([[10], [9]]))
+    torch.testing.assert_close(logits[0, -1], full[0, 10], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[1, -1], full[1, 9], atol=1e-5, rtol=0)
+
+
+def test_cache_needs_positions_and_context_is_bounded(tiny: GPT) -> None:
+    cache = KVCache(tiny.config.n_layer, 1, 8)
+    with pytest.raises(ValueError, match="positions"):
+        tiny(prompt(8), cache=cache)
     with pytest.raises(ValueError, match="block_size"):
         tiny(prompt(tiny.config.block_size + 1))
-
-
-@pytest.mark.parametrize(
-    ("n_prompt", "batch"), [(5, 1), (100, 1), (150, 1), (20, 2)], ids=str
-)  # 100 and 150 run past block_size 128; 150 starts past it
-def test_greedy_with_cache_equals_without(lively: GPT, n_prompt: int, batch: int) -> None:
-    idx = prompt(n_prompt, batch=batch, vocab=VOCAB)
-    with_cache = lively.generate(idx, 40, temperature=0.0, use_cache=True)
-    without = lively.generate(idx, 40, temperature=0.0, use_cache=False)
-    assert with_cache.shape == (batch, n_prompt + 40)
-    assert torch.equal(with_cache[:, :n_prompt], idx)
-    assert torch.equal(with_cache, without)
-
-
-def test_greedy_matches_argmax_of_full_forward(lively: GPT) -> None:
-    idx = prompt(5, vocab=VOCAB)
-    out = lively.generate(idx, 3, temperature=0.0)
-    for t in range(5, 8):
-        logits, _ = lively(out[:, :t])
-        assert out[0, t].item() == logits[0, -1].argmax().item()
-
-
-def test_top_k_1_and_tiny_top_p_are_greedy(lively: GPT) -> None:
-    idx = prompt(8, vocab=VOCAB)
-    greedy = lively.generate(idx, 15, temperature=0.0)
-    g = torch.Generator().manual_seed(0)
-    assert torch.equal(lively.generate(idx, 15, temperature=1.0, top_k=1, generator=g), greedy)
-    assert torch.equal(lively.generate(idx, 15, temperature=1.0, top_p=1e-6, generator=g), greedy)
-
-
-def test_sampling_reproducible_with_generator(lively: GPT) -> None:
-    idx = prompt(8, vocab=VOCAB)
-
-    def run(seed: int, use_cache: bool = True) -> torch.Tensor:
-        g = torch.Generator().manual_seed(seed)
-        return lively.generate(idx, 20, temperature=1.0, top_k=50, generator=g, use_cache=use_cache)
-
-    a = run(123)
-    assert torch.equal(a, run(123))
-    assert torch.equal(a, run(123, use_cache=False))
-    assert not torch.equal(a, run(124))
-
-
-def test_sample_logits_filters() -> None:
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    g = torch.Generator().manual_seed(0)
-    draws = {sample_logits(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)}
-    assert draws == {0, 1}
-    # top_p 0.7: 0.5 alone is short of 0.7, 0.5 + 0.3 reaches it -> {0, 1}
-    draws = {sample_logits(logits, 1.0, top_p=0.7, generator=g).item() for _ in range(200)}
-    assert draws == {0, 1}
-    # top_p 0.9: needs the third token too
-    draws = {sample_logits(logits, 1.0, top_p=0.9, generator=g).item() for _ in range(300)}
-    assert draws == {0, 1, 2}
-    assert sample_logits(logits, 0.0).item() == 0
-
-
-def test_eos_stops_generation(lively: GPT) -> None:
-    idx = prompt(6, vocab=VOCAB)
-    greedy = lively.generate(idx, 10, temperature=0.0)[0, 6:].tolist()
-    eos = greedy[4]
-    stop = greedy.index(eos)  # first occurrence, <= 4
-    out = lively.generate(idx, 10, temperature=0.0, eos_id=eos)
-    assert out[0, 6:].tolist() == greedy[: stop + 1]  # eos kept, nothing after
-    streamed = list(lively.stream(idx[0], 10, temperature=0.0, eos_id=eos))
-    assert streamed == greedy[:stop]  # stream stops before yielding eos
-    assert list(lively.stream(idx, 10, temperature=0.0)) == greedy
-
-
-def test_eos_batch_pads_finished_rows(lively: GPT) -> None:
-    idx = prompt(6, batch=2, vocab=VOCAB)
-    greedy = lively.generate(idx, 10, temperature=0.0)[:, 6:]
-    eos = greedy[0, 2].item()
-    out = lively.generate(idx, 10, temperature=0.0, eos_id=eos)[:, 6:]
-    row0 = greedy[0].tolist()
-    stop = row0.index(eos)
-    assert out[0, : stop + 1].tolist() == row0[: stop + 1]
-    assert torch.all(out[0, stop:] == eos)
-    assert eos not in greedy[1].tolist()  # so the other row runs to max_new_tokens
-    assert out.shape[1] == 10 and out[1].tolist() == greedy[1].tolist()
 
 
 def test_configure_optimizer(tiny: GPT) -> None:
@@ -288,18 +227,36 @@ def test_mlp_uses_gpt2_tanh_gelu(tiny: GPT) -> None:
     torch.testing.assert_close(mlp(x), mlp.c_proj(gelu))
 
 
-def test_padded_vocabulary_rows_are_never_sampled() -> None:
-    """vocab_size 50304 pads GPT-2's 50257 tokens; generation must not emit a padding id even
-    when the padding rows carry the largest logits (no tokenizer could decode it)."""
-    model = make(vocab_size=50304)
+def test_modern_architecture() -> None:
+    """The modern recipe's switches: rotary instead of learned positions, an untied head and
+    zero-initialized output projections (so the first loss is exactly uniform), ReLU squared,
+    RMSNorm, and logits soft-capped at 15."""
+    model = make("tiny", vocab_size=VOCAB, **ARCHITECTURES["modern"])
+    names = dict(model.named_parameters())
+    assert "transformer.wpe.weight" not in names and "lm_head.weight" in names
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    assert isinstance(model.transformer.h[0].ln_1, torch.nn.RMSNorm)
+    assert not any(n.endswith(".bias") for n in names)
+    assert all(not p.any() for n, p in names.items() if n.endswith("c_proj.weight"))
+    x = torch.randint(0, VOCAB, (2, 16))
+    _, loss = model(x, x)
+    assert loss.item() == pytest.approx(math.log(VOCAB), abs=1e-6)
+    h = torch.linspace(-3, 3, 7)
+    torch.testing.assert_close(model.transformer.h[0].mlp.act(h), torch.relu(h) ** 2)
     with torch.no_grad():
-        model.transformer.ln_f.weight.zero_()  # the final hidden state is ln_f's bias alone
-        model.transformer.ln_f.bias.fill_(1.0)
-        model.lm_head.weight.zero_()
-        model.lm_head.weight[VOCAB_SIZE:] = 1.0  # the padding rows win every argmax
-    logits, _ = model(torch.zeros(1, 1, dtype=torch.long))
-    assert int(logits[0, -1].argmax()) >= VOCAB_SIZE
-    out = model.generate(torch.zeros(1, 1, dtype=torch.long), 5, temperature=0.0)
-    assert out[0, 1:].max() < VOCAB_SIZE
-    sampled = model.generate(torch.zeros(4, 1, dtype=torch.long), 20, temperature=1.0)
-    assert sampled[:, 1:].max() < VOCAB_SIZE
+        model.lm_head.weight.normal_(0.0, 100.0)
+    logits, _ = model(x)
+    assert logits.abs().max() <= 15.0 and logits.abs().max() > 14.0
+    assert model.num_params(non_embedding=True) == model.num_params() - VOCAB * 64
+
+
+def test_rotary_attention_sees_relative_positions(lively: GPT) -> None:
+    """With rotary positions, shifting every position by the same amount changes nothing;
+    with learned ones it does."""
+    seq = prompt(20, batch=2, vocab=VOCAB)
+    base, _ = lively(seq, positions=torch.arange(20))
+    shifted, _ = lively(seq, positions=torch.arange(20) + 7)
+    if lively.config.rotary:
+        torch.testing.assert_close(shifted, base, atol=1e-4, rtol=0)
+    else:
+        assert not torch.allclose(shifted, base, atol=1e-2)

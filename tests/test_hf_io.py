@@ -19,6 +19,7 @@ from test_finetune import pretrained_workdir, synthetic_records, tiny_finetune, 
 from model.checkpoint import CheckpointManager, load_checkpoint
 from model.finetune import run_finetune
 from model.gpt import GPT, GPTConfig
+from model.gpt_config import ARCHITECTURES
 from model.hf_io import HFFormatError, export_hf, hf_config, import_gpt2, load_hf_gpt2
 from model.inference import load_model
 
@@ -126,6 +127,15 @@ def test_unsupported_or_incomplete_folders_are_refused(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(HFFormatError, match="model.safetensors is missing"):
         load_hf_gpt2(tmp_path)
+
+
+def test_modern_model_is_not_exported_to_the_gpt2_layout(tmp_path: Path) -> None:
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64,
+                       **ARCHITECTURES["modern"])
+    with pytest.raises(HFFormatError, match="ckpt-000003.pt is a model of pretrain.recipe "
+                       "modern.*only models trained with pretrain.recipe: gpt2"):
+        export_hf(GPT(config), tmp_path / "hf", source="ckpt-000003.pt")
+    assert not (tmp_path / "hf").exists()
 
 
 @pytest.mark.slow

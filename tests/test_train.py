@@ -34,7 +34,8 @@ from model.checkpoint import (
 )
 from model.config import PretrainConfig, PretrainConfigError
 from model.data import ShardError
-from model.optim import lr_multiplier
+from model.gpt import GPT
+from model.optim import build_optimizer, lr_multiplier
 from model.runtime import read_log
 from model.train import run_pretrain
 from pipeline.files import temp_path_for
@@ -64,7 +65,10 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_config(dataset: Path, **overrides) -> PretrainConfig:
-    return PretrainConfig(**{**TINY, "dataset": str(dataset), **overrides})
+    base = dict(TINY)
+    if overrides.get("recipe") == "modern":  # lr and min_lr are the gpt2 recipe's
+        del base["lr"], base["min_lr"]
+    return PretrainConfig(**{**base, "dataset": str(dataset), **overrides})
 
 
 def write_yaml(path: Path, workdir: Path, cfg: PretrainConfig) -> Path:
@@ -124,11 +128,36 @@ def test_batch_that_does_not_divide_fails_naming_the_fields() -> None:
         ({"n_embd": 100, "n_head": 3}, "not divisible"),
         ({"micro_batch_size": 0}, "pretrain.micro_batch_size"),
         ({"device": "tpu"}, "pretrain.device"),
+        ({"recipe": "llama"}, "pretrain.recipe"),
+        ({"matrix_lr": 0.01}, "matrix_lr belong to the modern recipe.*set recipe: modern"),
+        ({"recipe": "modern", "lr": 0.01}, "lr belong to the gpt2 recipe.*set recipe: gpt2"),
     ],
 )
 def test_bad_config_is_refused(section: dict, needle: str) -> None:
     with pytest.raises(PretrainConfigError, match=needle):
         validate_training_section("pretrain", section)
+
+
+def test_modern_optimizer_groups_and_schedule() -> None:
+    """Muon on the blocks' matrices, AdamW with its own rate for embeddings, head and gains;
+    warmup, a constant stretch, then a linear decay to 0 over the last cooldown_frac."""
+    cfg = PretrainConfig(preset="tiny", recipe="modern", warmup_steps=2, cooldown_frac=0.5)
+    model = GPT(cfg.gpt_config(512))
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert [g["initial_lr"] for g in groups.values()] == [0.02, 0.3, 0.008, 0.04]
+    assert isinstance(optimizer.optimizers[0], torch.optim.Muon)
+    matrices = groups["matrix"]["params"]
+    assert all(p.dim() == 2 for p in matrices) and len(matrices) == 8  # 4 per block
+    assert groups["head"]["params"] == [model.lm_head.weight]
+    assert [lr_multiplier(s, cfg, 10) for s in (0, 1, 2, 5, 6, 8, 9, 10)] == [
+        0.5, 1.0, 1.0, 1.0, 0.8, 0.4, 0.2, 0.0]
+    for p in model.transformer.h.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="pretrain.recipe modern trains the blocks' 2-D matrices"
+                       " with Muon, and this model has none that are trainable; use pretrain."
+                       "recipe: gpt2"):
+        build_optimizer(model, cfg, torch.device("cpu"))
 
 
 def test_yaml_section_and_defaults(tmp_path: Path) -> None:
@@ -302,6 +331,8 @@ def test_checkpoint_of_the_older_format_resumes(
     [
         ({"n_layer": 3}, "n_layer: checkpoint 2, config 3"),
         ({"block_size": 32}, "block_size"),
+        ({"recipe": "modern"}, "pretrain.recipe 'gpt2', this config says 'modern'; set "
+         "pretrain.recipe: gpt2 to resume it, or start over with --overwrite"),
     ],
 )
 def test_checkpoint_of_another_model_is_refused(
@@ -366,18 +397,24 @@ def test_corrupt_shard_fails_before_training(dataset: Path, tmp_path: Path) -> N
 # ---------------------------------------------------------------- exact resume after SIGKILL
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize(
+    "sig, recipe",
+    [(signal.SIGKILL, "gpt2"), (signal.SIGTERM, "gpt2"), (signal.SIGKILL, "modern")],
+    ids=["SIGKILL", "SIGTERM", "SIGKILL-modern"],
+)
 def test_killed_run_resumes_with_identical_losses(
-    dataset: Path, tmp_path: Path, sig: signal.Signals
+    dataset: Path, tmp_path: Path, sig: signal.Signals, recipe: str
 ) -> None:
     """A run killed after its first checkpoint, then resumed, logs the same losses bit for bit
-    as a run never interrupted (dropout on, so the RNG state must come back too).
+    as a run never interrupted (dropout on, so the RNG state must come back too; the modern
+    recipe's Muon momentum too).
 
     SIGKILL loses the steps after the last periodic checkpoint; SIGTERM checkpoints the step
     in flight and exits with 143, so the resume starts right after the last logged step.
     """
     cfg = tiny_config(
-        dataset, max_steps=40, eval_every=20, checkpoint_every=10, keep_last=2, dropout=0.1
+        dataset, max_steps=40, eval_every=20, checkpoint_every=10, keep_last=2, dropout=0.1,
+        recipe=recipe,
     )
     runs = {name: tmp_path / name for name in ("whole", "killed")}
     cmd = {
