@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -80,11 +80,14 @@ class Stage:
         workers: int,
         progress: ProgressFn | None = None,
         executor: ExecutorConfig | None = None,
+        threads: bool = False,
     ) -> dict[str, dict]:
         """Run every unit without a record; return all records by unit id, in unit order.
 
-        Locally the units run in `workers` processes; with a Ray or Slurm `executor` they run
-        as datatrove tasks on the cluster. Either way each unit commits its own record.
+        Locally the units run in `workers` processes, or `workers` threads of this process with
+        `threads` (for work that releases the GIL: no process start-up, state set up once);
+        with a Ray or Slurm `executor` they run as datatrove tasks on the cluster. Either way
+        each unit commits its own record.
         """
         ids = [u.id for u in units]
         if len(set(ids)) != len(ids):
@@ -100,7 +103,7 @@ class Stage:
         failures: list[str] = []
         jobs = [(u, str(self.record_path(u.id))) for u in pending]
         if executor is None or executor.kind == "local" or not jobs:
-            finished = _execute_locally(fn, jobs, workers, failures)
+            finished = _execute_locally(fn, jobs, workers, failures, threads)
         else:
             from pipeline.executors import execute_distributed
 
@@ -152,7 +155,7 @@ def run_stage(name: str, folder: Path, config_hash: str, overwrite: bool,
 
 
 def _execute_locally(fn: UnitFn, jobs: list[tuple[Unit, str]], workers: int,
-                     failures: list[str]) -> Iterable[dict]:
+                     failures: list[str], threads: bool = False) -> Iterable[dict]:
     """Yield each unit's record as it is committed; a failing unit is reported, not fatal."""
     if workers <= 1 or len(jobs) <= 1:
         for unit, record in jobs:
@@ -163,7 +166,9 @@ def _execute_locally(fn: UnitFn, jobs: list[tuple[Unit, str]], workers: int,
                 failures.append(f"{unit.id}: {type(e).__name__}: {e}")
         return
     # spawn, not fork: the parent may hold threads (progress bar, Prefect) that fork would copy
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+    pool = (ThreadPoolExecutor(max_workers=workers) if threads else
+            ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")))
+    with pool:
         queue = iter(jobs)
         running = {}
         for unit, record in queue:
