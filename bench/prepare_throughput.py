@@ -153,11 +153,11 @@ def print_report(title: str, stages: dict, total: float, by_source: dict) -> Non
 
 def run_side(args: argparse.Namespace, extractor: str) -> tuple[dict, dict, dict]:
     """One end-to-end `prepare` in a fresh work folder: (timings, manifests, by source)."""
-    from configs.run import load_run_config  # what `forge prepare` reads: a whole run config
+    from configs.run import data_config, load_run_config
 
     tmp = Path(tempfile.mkdtemp(prefix=f"forge-bench-prepare-{extractor}-"))
     overrides = {"workdir": str(tmp / "work"), "workers": args.workers}
-    cfg = load_run_config(args.config, overrides)
+    cfg = data_config(load_run_config(args.config, overrides))
     cfg.data.extract.html_extractor = extractor
     try:
         timings, manifests = run_prepare(cfg)

@@ -9,7 +9,7 @@ with a fixed seed, are held out as the validation split and neither side trains 
              50304, no biases, AdamW (0.9, 0.95), weight decay 0.1 on 2-D weights, lr 1e-3
              with 20 warmup steps and cosine decay to 1e-4 at step 200, clip 1.0; batches
              are random offsets drawn with replacement (its get_batch). 200 steps.
-    forge    the `pretrain:` section of configs/demo.yaml, run by forge's own Trainer (its
+    forge    the `pretrain:` section of configs/demo.yaml, run by forge's own runtime (its
              loader, schedule, accumulation, clipping and autocast), dataset swapped for the
              books.
 
@@ -47,7 +47,8 @@ from common import (
 from configs.run import load_training_section
 from model.config import PretrainConfig
 from model.gpt import GPT, GPTConfig
-from model.train import DistInfo, Trainer
+from model.runtime import compute_init
+from model.train import Pretraining
 from pipeline.encoding import EOT_ID, VOCAB_SIZE, get_encoding
 from pipeline.extract import strip_gutenberg
 from pipeline.shards import TokenDataset, create_layout, write_group_attributes, write_shard
@@ -174,12 +175,12 @@ class NanoGPTSide:
 
 
 class ForgeSide:
-    """forge's Trainer with a config's recipe; each step is Trainer.train_step, as in fit()."""
+    """forge's Pretraining run with a config's recipe; each step is its train_step, as in fit()."""
 
     def __init__(self, name: str, cfg: PretrainConfig, workdir: Path) -> None:
         self.name = name
-        self.trainer = Trainer(cfg, workdir, DistInfo())
-        self.trainer.resume(resume=False)
+        compute = compute_init(cfg.device, cfg.dtype, cfg.num_threads, "pretrain")
+        self.trainer = Pretraining(cfg, workdir, compute, overwrite=True)
         self.trainer.wrap()
         self.trainer.model.train()
         self.model = self.trainer.raw
@@ -191,7 +192,7 @@ class ForgeSide:
         return self.trainer.step >= self.max_steps
 
     def step(self) -> float:
-        loss, _, _ = self.trainer.train_step()
+        loss, _, _, _ = self.trainer.train_step()
         return float(loss)
 
 
@@ -245,6 +246,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1337, help="init and data order, both sides")
     parser.add_argument("--workdir", default=str(REPO / "runs" / "bench-books"))
+    parser.add_argument("--steps", type=int, default=0,
+                        help="a quick check: stop every side after this many steps")
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--out", default=str(RESULTS / "pretrain_vs_nanogpt.json"))
     args = parser.parse_args()
@@ -281,6 +284,9 @@ def main() -> None:
         )
         sides.append(ForgeSide(name, recipes[name], workdir / name.replace(":", "-")))
         print(f"{name}: {recipes[name].model_dump(exclude_unset=True)}")
+    if args.steps:
+        for side in sides:
+            side.max_steps = min(side.max_steps, args.steps)
     before = {s.name: held_out_loss(s.model, val, args.eval_windows) for s in sides}
     result = train_interleaved(sides, args.log_every)
     after = {s.name: held_out_loss(s.model, val, args.eval_windows) for s in sides}

@@ -1,6 +1,6 @@
 """CPU training tokens/s of forge's loop against a minimal plain-PyTorch loop, same model.
 
-    forge   model.train.Trainer.fit() on the books dataset with the demo recipe
+    forge   model.train.run_pretrain() on the books dataset with the demo recipe
             (configs/demo.yaml's pretrain section): shard loader, gradient accumulation,
             schedule, clipping, autocast, a JSONL record and a terminal line every step
             (log_every=1, the most it can log), as `forge pretrain` runs it. Its own
@@ -31,21 +31,21 @@ from pretrain_vs_nanogpt import build_books_dataset
 from configs.run import load_training_section
 from model.config import PretrainConfig
 from model.gpt import GPT
-from model.train import DistInfo, Trainer, resolve_dtype
+from model.optim import build_optimizer
+from model.runtime import resolve_dtype
+from model.train import run_pretrain
 from pipeline.encoding import VOCAB_SIZE
 
 
 def forge_tokens_per_s(cfg: PretrainConfig, workdir: Path) -> float:
-    trainer = Trainer(cfg, workdir, DistInfo())
-    trainer.resume(resume=False)
-    return trainer.fit()["tokens_per_s"]
+    return run_pretrain(cfg, workdir, overwrite=True)["tokens_per_s"]
 
 
 def plain_tokens_per_s(cfg: PretrainConfig, vocab_size: int, steps: int) -> float:
     """The minimal loop; the first step is warm-up and not timed, as in forge's figure."""
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.gpt_config(vocab_size))
-    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.lr, tuple(cfg.betas), "cpu")
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
     dtype = resolve_dtype(cfg.dtype, torch.device("cpu"))
     autocast = (
         torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
@@ -100,11 +100,9 @@ def main() -> None:
         "plain": lambda: plain_tokens_per_s(cfg, vocab, args.steps),
     }
     runs: dict[str, list[float]] = {name: [] for name in sides}
-    deterministic = torch.are_deterministic_algorithms_enabled()
     for rep in range(args.repeats):
         for name in rotated(list(sides), rep):
             runs[name].append(sides[name]())
-            torch.use_deterministic_algorithms(deterministic)  # the Trainer turns it on
             print(f"repeat {rep}: {name} {runs[name][-1]:.0f} tokens/s", flush=True)
     medians = {name: median(values) for name, values in runs.items()}
     ratio = medians["forge"] / medians["plain"]

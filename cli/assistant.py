@@ -30,14 +30,9 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     )
     sub.add_argument("--base", metavar="CHECKPOINT", help="start from this " + CHECKPOINT_HELP)
     sub.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in the work folder from its newest checkpoint",
-    )
-    sub.add_argument(
         "--overwrite",
         action="store_true",
-        help="discard an existing fine-tuning run and start over",
+        help="discard the work folder's fine-tuning run and start over (rerunning resumes)",
     )
     sub.set_defaults(handler=finetune)
 
@@ -85,7 +80,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
 
 
 def finetune(args: argparse.Namespace) -> int:
-    """Also the trainer process of the flows' finetune (`-m cli.main finetune --resume`)."""
+    """Also the trainer process of the flows' finetune (`-m cli.main finetune`)."""
     from cli.common import load_run_config
     from configs.run import validate_training_section
     from model.finetune import run_finetune
@@ -97,10 +92,10 @@ def finetune(args: argparse.Namespace) -> int:
     if update:  # validated again, errors naming the field
         cfg = validate_training_section(
             "finetune", {**cfg.model_dump(exclude_unset=True), **update}, "command line")
-    summary = run_finetune(cfg, Path(run.workdir), resume=args.resume, overwrite=args.overwrite)
+    summary = run_finetune(cfg, Path(run.workdir), overwrite=args.overwrite)
     if summary["stopped_by"]:
         print(f"stopped by {summary['stopped_by']} at step {summary['steps']}; "
-              f"checkpoint: {summary['checkpoint']}; `--resume` continues")
+              f"checkpoint: {summary['checkpoint']}; rerun to continue")
         return stop_exit_code(summary)
     if not args.quiet:
         test = summary["test"] or {}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cli.common import load_run_config
 from pipeline.files import WorkFolder
-from pipeline.registry import STAGES
+from pipeline.registry import STAGE_NAMES, STAGES
 
 log = logging.getLogger("forge")
 
@@ -51,9 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     stage_opts = argparse.ArgumentParser(add_help=False, parents=[common])
     stage_opts.add_argument("--config", required=True, help="YAML run config")
     stage_opts.add_argument("--workdir", help="output folder (replaces the config's workdir)")
-    stage_opts.add_argument("--source", action="append", metavar="PATH_OR_URL_OR_GLOB",
-                            help="replaces the config's sources; repeatable")
-    stage_opts.add_argument("--workers", type=int, help="worker processes")
+    stage_opts.add_argument("--source", action="append", metavar="[NAME=]PATH_OR_URL_OR_GLOB",
+                            help="replaces the config's sources; repeatable; NAME picks the "
+                            "filter rules (filter.per_source.NAME)")
+    stage_opts.add_argument("--workers", type=at_least_one, help="worker processes")
     stage_opts.add_argument("--overwrite", action="store_true",
                             help="discard this stage's output made with another config")
     for spec in STAGES:
@@ -66,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("stats", parents=[common], help="statistics of a token dataset")
     sub.add_argument("path", help="a dataset.zarr or a work folder")
     sub.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    sub.add_argument("--plot", help="PNG histogram of document lengths (default: beside it)")
+    sub.add_argument("--plot", help="PNG histogram of document lengths (default: beside it); "
+                     "the quality scores' goes beside it as quality_scores.png")
     sub.set_defaults(handler=show_stats)
 
     sub = commands.add_parser("verify", parents=[common], help="recompute every checksum")
@@ -84,7 +86,22 @@ def build_parser() -> argparse.ArgumentParser:
     from cli import assistant  # finetune, chat, import-gpt2, export
 
     assistant.register(commands, common)
+
+    from cli import classifier  # train-classifier
+
+    classifier.register(commands, common)
     return parser
+
+
+def at_least_one(text: str) -> int:
+    """An argparse type: a count of processes (0 would silently fall back to the config)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 # ---------------------------------------------------------------- data stages
@@ -92,13 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_stages(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError
-    from pipeline.registry import prepare_stages, stage_function
+    from pipeline.download import with_source_presets
+    from pipeline.registry import check_stages, prepare_stages, stage_function
 
-    cfg = load_run_config(args)
+    cfg, preset_lines = with_source_presets(load_run_config(args))
     stages = args.stages or prepare_stages(cfg)
     for name in set(stages) - set(prepare_stages(cfg)):
         raise ConfigError(f"the {name} stage is disabled by the config; set "
                           f"data.{name}.enabled: true to run it")
+    check_stages(cfg, stages)
+    if "filter" in stages and not args.quiet:
+        print("\n".join(preset_lines))
     for name in stages:
         started = time.perf_counter()
         with progress_bar(name, quiet=args.quiet) as progress:
@@ -144,6 +165,10 @@ def print_summary(name: str, manifest: dict, workdir: Path, seconds: float) -> N
                   f"{manifest['bytes_in'] / 1e6:.1f}", f"{manifest['bytes_out'] / 1e6:.1f}")
     console = Console(width=None if sys.stdout.isatty() else 120)
     console.print(table)
+    if manifest.get("scores"):  # the filter's learned quality score
+        from pipeline.stats import render_scores
+
+        render_scores(manifest["scores"], console)
     console.print(f"output: {WorkFolder(workdir).stage(name)}")
 
 
@@ -157,13 +182,32 @@ def dataset_path(path: str) -> Path:
 
 
 def show_stats(args: argparse.Namespace) -> int:
-    from pipeline.stats import dataset_stats, plot_doc_lengths, render_stats
+    from pipeline.stats import (
+        dataset_stats,
+        partial_stats,
+        plot_doc_lengths,
+        plot_scores,
+        render_partial_stats,
+        render_stats,
+    )
 
     path = dataset_path(args.path)
+    work = WorkFolder(args.path)
+    unfinished = any(work.stage(name).is_dir() for name in STAGE_NAMES)
+    if unfinished and not (path / "zarr.json").exists():  # a run that failed or is under way
+        stats = partial_stats(work.root)
+        if args.json:
+            print(json.dumps(stats, indent=1))
+        else:
+            render_partial_stats(stats)
+        return 0
     stats = dataset_stats(path)
     plot = Path(args.plot) if args.plot else path.parent / "doc_lengths.png"
     plot_doc_lengths(path, plot)
     stats["plot"] = str(plot)
+    if stats["scores"]:
+        stats["scores_plot"] = str(plot.with_name("quality_scores.png"))
+        plot_scores(stats["scores"], Path(stats["scores_plot"]))
     if args.json:
         print(json.dumps(stats, indent=1))
     else:

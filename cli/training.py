@@ -12,11 +12,11 @@ from pathlib import Path
 
 def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     sub = commands.add_parser("pretrain", parents=[common],
-                              help="pretrain a GPT on the token shards (resumes by default)")
+                              help="pretrain a GPT on the token shards (rerunning resumes)")
     sub.add_argument("--config", required=True, help="YAML run config with a pretrain: section")
     sub.add_argument("--workdir", help="work folder (replaces the config's)")
-    sub.add_argument("--no-resume", dest="resume", action="store_false",
-                     help="start over, discarding this run's checkpoints")
+    sub.add_argument("--overwrite", action="store_true",
+                     help="start over, discarding this run's checkpoints, log and results")
     sub.set_defaults(handler=pretrain)
 
     sub = commands.add_parser("eval", parents=[common], help="evaluate a checkpoint")
@@ -55,7 +55,7 @@ def pretrain(args: argparse.Namespace) -> int:
     if not main_rank:
         logging.getLogger().setLevel(logging.WARNING)
     cfg = load_run_config(args)
-    summary = run_pretrain(cfg.pretrain, Path(cfg.workdir), resume=args.resume)
+    summary = run_pretrain(cfg.pretrain, Path(cfg.workdir), overwrite=args.overwrite)
     if main_rank and not args.quiet:
         print(json.dumps(summary, indent=1))
     return stop_exit_code(summary)
@@ -101,6 +101,7 @@ def _val_loss(args: argparse.Namespace, model, state: dict) -> dict:
     import torch
 
     from model.data import ShardLoader
+    from model.evaluate import val_loss
     from pipeline.files import WorkFolder
     from pipeline.shards import TokenDataset
 
@@ -109,11 +110,9 @@ def _val_loss(args: argparse.Namespace, model, state: dict) -> dict:
         dataset = WorkFolder.of_checkpoint(state["path"]).dataset
     loader = ShardLoader(TokenDataset(dataset), "val", batch_size=8,
                          block_size=model.config.block_size)
-    losses = []
-    with torch.no_grad():
-        for x, y in loader.first_batches(args.batches):
-            losses.append(model(x.to(args.device), y.to(args.device))[1].item())
-    return {"task": "val", "batches": len(losses), "loss": sum(losses) / len(losses)}
+    batches = list(loader.first_batches(args.batches))
+    return {"task": "val", "batches": len(batches),
+            "loss": val_loss(model, batches, torch.device(args.device))}
 
 
 def generate(args: argparse.Namespace) -> int:

@@ -141,7 +141,7 @@ def run_finetune_process(config: RunConfig) -> dict:
     run_config.parent.mkdir(parents=True, exist_ok=True)
     run_config.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     run_command([sys.executable, "-m", "cli.main", "finetune", "--config", str(run_config),
-                 "--workdir", str(workdir), "--resume"], get_run_logger())
+                 "--workdir", str(workdir)], get_run_logger())
     return summarize(read_json(WorkFolder(workdir).manifest(FINETUNE)))
 
 

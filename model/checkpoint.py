@@ -1,14 +1,16 @@
 """Atomic training checkpoints: the newest K, each complete or ignored.
 
     checkpoints/
-      ckpt-000100.pt      torch.save of the state (written as .ckpt-000100.pt.<random>.tmp,
-                          fsynced, renamed)
+      ckpt-000100.pt      torch.save of the state (written as
+                          .ckpt-000100.pt.w<pid>@<host>.<random>.tmp, fsynced, renamed)
       ckpt-000100.json    sidecar: step, size and sha256 of the .pt; written last, atomically
 
 A checkpoint counts only once its sidecar exists and the .pt has the size the sidecar records,
 so a run killed at any instant leaves either a complete checkpoint or one that latest() skips.
 Everything saved loads with torch.load(weights_only=True): tensors, and plain dicts, lists,
-strings and numbers (RNG states as tensors and lists, configs as dicts).
+strings and numbers (RNG states as tensors and lists, configs as dicts). The state's "format"
+says which stage wrote it (pretraining, which `forge import-gpt2` also writes, or fine-tuning),
+and the sidecar repeats it. load_checkpoint() is the one reader.
 """
 
 from __future__ import annotations
@@ -24,12 +26,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.files import atomic_write, atomic_write_json, sha256_file
+from pipeline.files import atomic_write, atomic_write_json, remove_stale_temps, sha256_file
 
 log = logging.getLogger(__name__)
 
-FORMAT = "forge-pretrain-checkpoint"
-FORMAT_VERSION = 1
+PRETRAIN_FORMAT = "forge-pretrain-checkpoint"
+FINETUNE_FORMAT = "forge-finetune-checkpoint"
+FORMATS = (PRETRAIN_FORMAT, FINETUNE_FORMAT)
+# 2: the learning rate is a function of the step, so no "scheduler" state (version 1 had one,
+# which is ignored), and "rng" is a list of every rank's states in both stages
+FORMAT_VERSION = 2
 _NAME = re.compile(r"^ckpt-(\d{6,})\.json$")
 
 
@@ -56,13 +62,12 @@ class CheckpointManager:
     def save(self, step: int, state: dict[str, Any]) -> Path:
         """Write the checkpoint of `step` atomically, then its sidecar, then prune old ones."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        for stale in self.folder.glob(".ckpt-*.tmp"):  # left by a killed save
-            stale.unlink(missing_ok=True)
+        remove_stale_temps(self.folder)  # left by a killed save
         final = self.path_for(step)
         t0 = time.perf_counter()
         atomic_write(final, lambda tmp: torch.save(state, tmp))
         sidecar = {
-            "format": FORMAT,
+            "format": state.get("format"),
             "step": step,
             "file": final.name,
             "bytes": final.stat().st_size,
@@ -128,23 +133,43 @@ class CheckpointManager:
         return load_checkpoint(path, map_location)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """torch.load(weights_only=True) of a checkpoint, verified against its sidecar if present."""
+def load_checkpoint(
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    kind: str | None = None,
+    expect_sha256: str | None = None,
+) -> dict:
+    """torch.load(weights_only=True) of a forge checkpoint (of format `kind`, when given),
+    checked against its sidecar's sha256 and against expect_sha256 when the caller knows which
+    bytes it wants."""
     path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
     side = CheckpointManager.sidecar_for(path)
+    wanted = [expect_sha256] if expect_sha256 else []
     if side.is_file():
-        meta = json.loads(side.read_text())
-        if sha256_file(path) != meta.get("sha256"):
-            raise CheckpointError(
-                f"checkpoint {path} does not match the sha256 in {side}: "
-                "it is corrupt; delete it to resume from an older one"
-            )
+        try:
+            wanted.append(json.loads(side.read_text())["sha256"])
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointError(f"sidecar {side} is unreadable; delete it and {path}") from None
+    if wanted and any(sha != sha256_file(path) for sha in wanted):
+        raise CheckpointError(
+            f"checkpoint {path} does not have the expected sha256: it is corrupt or was "
+            "replaced; delete it to resume from an older one"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing
         raise CheckpointError(f"checkpoint {path} cannot be loaded: {e}") from e
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a forge pretraining checkpoint")
+    found = state.get("format") if isinstance(state, dict) else None
+    if found not in FORMATS or (kind is not None and found != kind):
+        what = {PRETRAIN_FORMAT: "pretraining", FINETUNE_FORMAT: "fine-tuning"}.get(kind, "forge")
+        raise CheckpointError(f"{path} is not a {what} checkpoint")
+    if int(state.get("version", 1)) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {state['version']}, newer than this forge "
+            f"reads ({FORMAT_VERSION}); update forge"
+        )
     return state
 
 
@@ -159,13 +184,13 @@ def check_compatible(state: dict, path: str | Path, model_config: dict, fingerpr
     if diffs:
         raise CheckpointError(
             f"checkpoint {path} was made for another model ({'; '.join(diffs)}); use the "
-            "config it was trained with, or start over with resume disabled"
+            "config it was trained with, or start over with --overwrite"
         )
     if state.get("dataset_fingerprint") != fingerprint:
         raise CheckpointError(
             f"checkpoint {path} was trained on dataset {state.get('dataset_fingerprint')!r}, "
             f"not on this one ({fingerprint!r}); point pretrain.dataset at the original data, "
-            "or start over with resume disabled"
+            "or start over with --overwrite"
         )
 
 

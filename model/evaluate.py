@@ -1,5 +1,8 @@
 """Evaluation: validation loss, HellaSwag accuracy and WikiText-2 perplexity.
 
+val_loss() is the one validation loss: pretraining's and fine-tuning's evaluations during
+training, and `forge eval --task val`.
+
 HellaSwag is scored the llm.c way: each of the four endings is appended to the context and
 the ending's tokens are scored; the ending with the lowest mean cross-entropy wins
 ("acc_norm", normalized by length), and the lowest total loss gives plain "acc".
@@ -8,17 +11,46 @@ the ending's tokens are scored; the ending with the lowest mean cross-entropy wi
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from model.gpt import GPT
+
+IGNORE = -100  # a target that does not count (cross_entropy's ignore_index)
+
+
+@torch.no_grad()
+def val_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+             device: torch.device, autocast: contextlib.AbstractContextManager | None = None,
+             rank: int = 0, world_size: int = 1) -> float:
+    """Mean loss per target token (IGNORE targets left out) over the (x, y) batches; under DDP
+    each rank takes every world_size-th batch and the sums are all-reduced."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of losses, targets
+    for i, (x, y) in enumerate(batches):
+        if i % world_size != rank:
+            continue
+        with autocast or contextlib.nullcontext():
+            _, loss = model(x.to(device), y.to(device))
+        targets = int((y != IGNORE).sum())
+        total[0] += loss.double() * targets
+        total[1] += targets
+    if world_size > 1:
+        dist.all_reduce(total)
+    model.train(was_training)
+    if not total[1]:
+        raise ValueError("no validation batch with a target to score")
+    return float(total[0] / total[1])
 
 
 @dataclass

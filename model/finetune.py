@@ -1,4 +1,4 @@
-"""Instruction fine-tuning (Raschka ch. 7), with pretraining's checkpoints and exact resume.
+"""Instruction fine-tuning (Raschka ch. 7), on pretraining's runtime (model/runtime.py).
 
 run_finetune() trains a pretrained (or imported) GPT on Alpaca-format records into
 <workdir>/finetune/:
@@ -15,15 +15,17 @@ so the test records are held out of training here and removed from the pretraini
 there. A record becomes the Alpaca prompt plus its output and <|endoftext|>; a batch is padded
 with <|endoftext|> to its longest record, and the padding (and, by default, the prompt) gets
 target -100. Bad records never stop a run: each is dropped and counted under its reason.
+What is fine-tuning's own: that data, the loss weighted per response token, LoRA, and the
+test split answered at the end; the runtime does the rest, resume included: rerunning
+continues from the newest checkpoint, `--overwrite` starts over.
 
-    forge finetune --config configs/demo.yaml [--resume] [--overwrite]
+    forge finetune --config configs/demo.yaml [--overwrite]
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import hashlib
 import json
 import logging
@@ -31,7 +33,7 @@ import math
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -39,37 +41,19 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from model.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
+from model.checkpoint import FINETUNE_FORMAT, CheckpointError
+from model.evaluate import IGNORE
 from model.finetune_config import FinetuneConfig, FinetuneConfigError
 from model.gpt import GPT
-from model.inference import (
-    FINETUNE_FORMAT,
-    format_prompt,
-    load_model,
-    read_checkpoint,
-    resolve_checkpoint,
-    sha256_file,
-)
+from model.inference import format_prompt, load_model, resolve_checkpoint, sha256_file
 from model.lora import apply_lora, lora_state_dict, merge_lora
-from model.stopping import GracefulStop
-from model.train import (
-    MetricsLog,
-    WarmupCosine,
-    fresh_start,
-    plot_losses,
-    read_log,
-    resolve_device,
-    resolve_dtype,
-    seed_everything,
-)
+from model.runtime import MicroBatch, ProgressFn, TrainingRun, train
 from pipeline.encoding import EOT_ID, get_encoding
-from pipeline.files import FINETUNE, WorkFolder, atomic_write_json, config_hash
+from pipeline.files import FINETUNE, atomic_write_json, config_hash
 from pipeline.instructions import load_records, record_key, split_records
 
 log = logging.getLogger("model.finetune")
 
-ProgressFn = Callable[[int, int], None]
-IGNORE = -100  # cross_entropy's ignore_index: no loss at this position
 SPLITS = ("train", "val", "test")
 
 
@@ -113,14 +97,8 @@ class InstructionData:
         return {name: len(self.examples[name]) for name in SPLITS}
 
 
-def load_instruction_data(
-    paths: list[str],
-    enc: Any,
-    max_len: int,
-    split_seed: int,
-    val_fraction: float,
-    test_fraction: float,
-) -> InstructionData:
+def load_instruction_data(paths: list[str], enc: Any, max_len: int, split_seed: int,
+                          val_fraction: float, test_fraction: float) -> InstructionData:
     """Read, split, de-duplicate and encode instruction files; count every record dropped.
 
     Each file is split on its own (as decontamination splits it); then a train or val record
@@ -152,15 +130,9 @@ def load_instruction_data(
             records[split] += parts[split]
         dropped.update(bad)
         records_in += len(good) + sum(bad.values())
-        files.append(
-            {
-                "path": str(path),
-                "sha256": sha256_file(path),
-                "records": len(good) + sum(bad.values()),
-                "valid": len(good),
-                "dropped": dict(bad),
-            }
-        )
+        files.append({"path": str(path), "sha256": sha256_file(path),
+                      "records": len(good) + sum(bad.values()), "valid": len(good),
+                      "dropped": dict(bad)})
     test_keys = {record_key(r) for r in records["test"]}
     seen: set[str] = set()
     for split in ("train", "val"):
@@ -193,14 +165,8 @@ def load_instruction_data(
     payload = json.dumps(
         [[f["sha256"] for f in files], split_seed, val_fraction, test_fraction, max_len]
     )
-    return InstructionData(
-        records=records,
-        examples=examples,
-        dropped=Counter(dict(sorted(dropped.items()))),
-        files=files,
-        records_in=records_in,
-        fingerprint=hashlib.sha256(payload.encode()).hexdigest()[:16],
-    )
+    return InstructionData(records, examples, Counter(dict(sorted(dropped.items()))), files,
+                           records_in, hashlib.sha256(payload.encode()).hexdigest()[:16])
 
 
 def _encodable(record: dict) -> bool:
@@ -241,14 +207,8 @@ class InstructionLoader:
     per epoch. shuffle=False visits the examples in order (validation).
     """
 
-    def __init__(
-        self,
-        examples: list[Example],
-        batch_size: int,
-        seed: int = 0,
-        shuffle: bool = True,
-        mask_prompt: bool = True,
-    ) -> None:
+    def __init__(self, examples: list[Example], batch_size: int, seed: int = 0,
+                 shuffle: bool = True, mask_prompt: bool = True) -> None:
         if not examples:
             raise FinetuneError("no examples to load")
         self.examples, self.batch_size = examples, batch_size
@@ -286,20 +246,12 @@ class InstructionLoader:
             yield collate(chunk, self.mask_prompt)
 
     def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "position": self.position,
-            "seed": self.seed,
-            "examples": len(self.examples),
-            "batch_size": self.batch_size,
-        }
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "examples": len(self.examples), "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        for key, mine in (
-            ("seed", self.seed),
-            ("examples", len(self.examples)),
-            ("batch_size", self.batch_size),
-        ):
+        for key, mine in (("seed", self.seed), ("examples", len(self.examples)),
+                          ("batch_size", self.batch_size)):
             if int(state[key]) != mine:
                 raise FinetuneError(
                     f"loader state was made with {key}={state[key]}, this "
@@ -403,74 +355,43 @@ def answer_records(
 # ---------------------------------------------------------------- the run
 
 
-class FinetuneTrainer:
-    """One fine-tuning run: base model (+ LoRA), data, optimizer, schedule, loader, RNG.
+class Finetuning(TrainingRun):
+    """A fine-tuning run: a base model (+ LoRA), instruction batches weighted by their response
+    tokens, and the test split answered at the end. One process (no DDP)."""
 
-    A checkpoint is their states side by side (for LoRA, the adapters only); resuming puts each
-    back (load_state_dict), so the next step is exactly the one an uninterrupted run would take.
-    """
+    stage = FINETUNE
+    format = FINETUNE_FORMAT
 
-    def __init__(
-        self, cfg: FinetuneConfig, workdir: Path, resume: bool = True, overwrite: bool = False
-    ) -> None:
-        self.cfg = cfg
-        self.work = WorkFolder(workdir)
-        self.out = self.work.stage(FINETUNE)
-        self.device = resolve_device(cfg.device)
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
-        if self.device.type == "cpu":
-            torch.use_deterministic_algorithms(True)  # exact resume on the CPU
-        self.autocast = (
-            torch.autocast(device_type=self.device.type, dtype=self.dtype)
-            if self.dtype != torch.float32
-            else contextlib.nullcontext()
-        )
-        self.checkpoints = CheckpointManager(self.work.checkpoints(FINETUNE), cfg.keep_last)
-        latest = self.checkpoints.latest()
-        if latest is not None and not resume:
-            if not overwrite:
-                raise FinetuneError(
-                    f"{self.out} already holds a fine-tuning run (newest checkpoint {latest}); "
-                    "pass --resume to continue it or --overwrite to start over"
-                )
-            fresh_start(self.work, FINETUNE)
-            latest = None
-        elif latest is None and not resume:
-            fresh_start(self.work, FINETUNE)  # a log without checkpoints: nothing worth keeping
-        self.resumed_from = latest
-        saved = read_checkpoint(latest) if latest is not None else None
-        if saved is not None and saved.get("format") != FINETUNE_FORMAT:
-            raise FinetuneError(f"{latest} is not a fine-tuning checkpoint")
-
+    def build(self, saved: dict | None) -> torch.nn.Module:
+        cfg = self.cfg
+        if self.dist.enabled:
+            raise FinetuneError("fine-tuning runs in one process; start it without torchrun")
         # the base: what the run started from, or (fresh) the newest one under cfg.base
         if saved is not None:
             self.base = saved["base"]
             base_path = Path(self.base["path"])
             if not base_path.is_file() or sha256_file(base_path) != self.base["sha256"]:
                 raise CheckpointError(
-                    f"{latest} was fine-tuned from {base_path}, which is gone or has changed; "
-                    "restore it, or start over with --overwrite"
+                    f"{self.resumed_from} was fine-tuned from {base_path}, which is gone or has "
+                    "changed; restore it, or start over with --overwrite"
                 )
         else:
-            base_path = resolve_checkpoint(cfg.base_path(workdir)).resolve()
+            base_path = resolve_checkpoint(cfg.base_path(self.work.root)).resolve()
             self.base = {"path": str(base_path), "sha256": sha256_file(base_path)}
-        seed_everything(cfg.seed)
-        self.raw, base_state = load_model(base_path, dropout=cfg.dropout)
+        raw, base_state = load_model(base_path, dropout=cfg.dropout)
         self.base["step"] = base_state.get("step")
-        self.vocab_dir = cfg.vocab_dir
         self.enc = get_encoding(cfg.vocab_dir)
-        gpt = self.raw.config
+        gpt = raw.config
         if gpt.vocab_size < self.enc.n_vocab:
             raise FinetuneError(
                 f"the base model {base_path} has a vocabulary of {gpt.vocab_size} tokens, fewer "
                 f"than GPT-2's {self.enc.n_vocab}: it was not trained on GPT-2 tokens"
             )
-        self.model_dict = dataclasses.asdict(gpt)
-        self.max_len = min(cfg.max_length or gpt.block_size + 1, gpt.block_size + 1)
+        max_len = min(cfg.max_length or gpt.block_size + 1, gpt.block_size + 1)
 
         # data: a bad file fails before any training; bad records are counted
         self.data = load_instruction_data(
-            cfg.data, self.enc, self.max_len, cfg.split_seed, cfg.val_fraction, cfg.test_fraction
+            cfg.data, self.enc, max_len, cfg.split_seed, cfg.val_fraction, cfg.test_fraction
         )
         counts = self.data.counts()
         if counts["train"] == 0:
@@ -479,19 +400,11 @@ class FinetuneTrainer:
                 f"{dict(self.data.dropped)}); check the files and max_length"
             )
         self.train_loader = InstructionLoader(
-            self.data.examples["train"],
-            cfg.micro_batch_size,
-            cfg.seed,
-            shuffle=True,
-            mask_prompt=cfg.mask_prompt,
+            self.data.examples["train"], cfg.micro_batch_size, cfg.seed, mask_prompt=cfg.mask_prompt
         )
-        self.val_loader = (
-            InstructionLoader(
-                self.data.examples["val"], cfg.micro_batch_size, shuffle=False, mask_prompt=True
-            )
-            if counts["val"]
-            else None
-        )
+        val = self.data.examples["val"]
+        self.val_loader = (InstructionLoader(val, cfg.micro_batch_size, shuffle=False)
+                           if val else None)
         self.max_steps = cfg.max_steps or math.ceil(
             cfg.epochs * self.train_loader.batches_per_epoch / cfg.grad_accum_steps
         )
@@ -500,58 +413,40 @@ class FinetuneTrainer:
                 f"finetune.warmup_steps {cfg.warmup_steps} exceeds the run's {self.max_steps} "
                 "steps; lower it"
             )
-
         if cfg.method == "lora":
             lora = cfg.lora
-            apply_lora(self.raw, lora.r, lora.alpha, lora.dropout, lora.target_modules)
-        self.raw.to(self.device).train()
-        self.optimizer = self.raw.configure_optimizer(
-            cfg.weight_decay, cfg.lr, tuple(cfg.betas), self.device.type
-        )
-        self.scheduler = WarmupCosine(
-            self.optimizer, cfg.lr, cfg.min_lr, cfg.warmup_steps, self.max_steps
-        )
-        torch.manual_seed(cfg.seed)  # dropout
-        self.metrics = MetricsLog(self.work.training_log(FINETUNE), True)
-        self.step = 0
-        self._rng: dict | None = None
-        if saved is not None:
-            self.load_state_dict(saved, latest)
-        self.metrics.truncate_after(self.step if saved is not None else -1)
+            apply_lora(raw, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+        return raw.to(self.device)
 
-    # ------------------------------------------------------------ state
+    def next_batches(self) -> tuple[list[MicroBatch], Counter]:
+        """grad_accum_steps batches, each weighted by its share of the step's response tokens:
+        the loss is the mean over every response token, as one big padded batch would give."""
+        batches = [self.train_loader.next_batch() for _ in range(self.cfg.grad_accum_steps)]
+        targets = sum(b.targets for b in batches)
+        counts = Counter(tokens=sum(b.tokens for b in batches), targets=targets,
+                         positions=sum(b.x.numel() for b in batches))
+        return [(b.x, b.y, b.targets / targets) for b in batches], counts
 
-    def trainable(self) -> int:
-        return sum(p.numel() for p in self.raw.parameters() if p.requires_grad)
+    def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]] | None:
+        """The val split, prompt always masked: the loss per response token."""
+        if self.val_loader is None:
+            return None
+        return ((b.x, b.y) for b in self.val_loader.first_batches(self.cfg.eval_batches))
 
-    def state_dict(self) -> dict:
+    def state_fields(self) -> dict:
         lora = self.cfg.method == "lora"
-        return {
-            "format": FINETUNE_FORMAT,
-            "version": 1,
-            "step": self.step,
-            "method": self.cfg.method,
-            "model": lora_state_dict(self.raw) if lora else self.raw.state_dict(),
-            "lora": self.cfg.lora.model_dump(mode="json") if lora else None,
-            "base": self.base,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "loader": self.train_loader.state_dict(),
-            "rng": rng_state(),
-            "model_config": self.model_dict,
-            "data_fingerprint": self.data.fingerprint,
-            "max_steps": self.max_steps,
-            "train_config": self.cfg.model_dump(mode="json"),
-        }
+        return {"method": self.cfg.method, "base": self.base,
+                "lora": self.cfg.lora.model_dump(mode="json") if lora else None,
+                "data_fingerprint": self.data.fingerprint,
+                **({"model": lora_state_dict(self.raw)} if lora else {})}  # the adapters only
 
-    def load_state_dict(self, state: dict, path: Path) -> None:
+    def load_fields(self, state: dict, path: Path) -> None:
         problems = []
         if state.get("method") != self.cfg.method:
             problems.append(f"method {state.get('method')!r}, config {self.cfg.method!r}")
-        if state.get("method") == "lora" and state.get("lora") != self.cfg.lora.model_dump(
-            mode="json"
-        ):
-            problems.append(f"lora {state.get('lora')}, config {self.cfg.lora.model_dump()}")
+        lora = self.cfg.lora.model_dump(mode="json")
+        if state.get("method") == "lora" and state.get("lora") != lora:
+            problems.append(f"lora {state.get('lora')}, config {lora}")
         if state.get("data_fingerprint") != self.data.fingerprint:
             problems.append(
                 "other instruction data or split (finetune.data, split_seed, "
@@ -569,71 +464,37 @@ class FinetuneTrainer:
             self.raw.load_state_dict(state["model"], strict=False)
         else:
             self.raw.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.train_loader.load_state_dict(state["loader"])
-        self.step = int(state["step"])
-        self._rng = state["rng"]
-        if int(state.get("max_steps", self.max_steps)) != self.max_steps:
-            log.warning(
-                "resuming towards %d steps instead of %d", self.max_steps, state["max_steps"]
-            )
 
-    def save(self) -> Path:
-        return self.checkpoints.save(self.step, self.state_dict())
+    def start_fields(self) -> dict:
+        cfg = self.cfg
+        return {"method": cfg.method, "records": self.data.counts(),
+                "dropped": dict(self.data.dropped), "base": self.base["path"],
+                "records_per_step": f"{cfg.micro_batch_size} x {cfg.grad_accum_steps}"}
 
-    # ------------------------------------------------------------ the work
+    def record_fields(self, counts: Counter, since: Counter, seconds: float) -> dict:
+        return {"targets": counts["targets"], "positions_per_s": since["positions"] / seconds,
+                "padding": 1 - counts["tokens"] / counts["positions"],
+                "epoch": self.train_loader.epoch}
 
-    def train_step(self) -> dict:
-        """One optimizer step over grad_accum_steps micro-batches.
-
-        The loss is the mean over every response token of the step (micro-batches weighted by
-        their target count), the same number one big padded batch would give.
-        """
-        batches = [self.train_loader.next_batch() for _ in range(self.cfg.grad_accum_steps)]
-        targets = sum(b.targets for b in batches)
-        loss_sum = torch.zeros((), device=self.device)
-        for b in batches:
-            x, y = b.x.to(self.device), b.y.to(self.device)
-            with self.autocast:
-                _, loss = self.raw(x, y)
-            loss = loss * (b.targets / targets)
-            loss.backward()
-            loss_sum += loss.detach()
-        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        params = [p for p in self.raw.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        lr = self.scheduler.step()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        positions = sum(b.x.numel() for b in batches)
+    def summary_fields(self, trains: list[dict], timed: Counter, checkpoint: Path | None,
+                       finished: bool) -> dict:
+        """The test split answered (once finished), the data's account and the padding."""
+        scores = self.test(checkpoint) if finished else None
         return {
-            "loss": loss_sum,
-            "grad_norm": grad_norm,
-            "lr": lr,
-            "targets": targets,
-            "tokens": sum(b.tokens for b in batches),
-            "positions": positions,
+            "method": self.cfg.method,
+            "test": scores,
+            "records": self.data.counts(),
+            "records_in": self.data.records_in,
+            "dropped": dict(self.data.dropped),
+            "positions_per_s": timed["positions"] / timed["seconds"] if timed["seconds"] else None,
+            "padding": (sum(r["padding"] for r in trains) / len(trains)) if trains else None,
+            "base": self.base,
+            "test_responses": str(self.work.test_responses) if scores else None,
         }
 
-    @torch.no_grad()
-    def evaluate(self) -> float | None:
-        """Mean loss per response token over the val split (prompt always masked)."""
-        if self.val_loader is None:
-            return None
-        self.raw.eval()
-        total, count = 0.0, 0
-        for b in self.val_loader.first_batches(self.cfg.eval_batches):
-            with self.autocast:
-                _, loss = self.raw(b.x.to(self.device), b.y.to(self.device))
-            total += float(loss) * b.targets
-            count += b.targets
-        self.raw.train()
-        val = total / count
-        self.metrics.write({"kind": "val", "step": self.step, "val_loss": val, "time": time.time()})
-        log.info("step %d | val loss %.4f", self.step, val)
-        return val
+    def manifest_fields(self) -> dict:
+        return {"config_hash": config_hash(self.cfg, self.base["sha256"], self.data.fingerprint),
+                "data": self.data.files, "data_fingerprint": self.data.fingerprint}
 
     def test(self, checkpoint: Path | None) -> dict | None:
         """Answer the test split with the final model into test_responses.json, once."""
@@ -695,186 +556,12 @@ class FinetuneTrainer:
         )
         return scores
 
-    def fit(self, progress: ProgressFn | None = None) -> dict:
-        """Train to max_steps; evaluate and checkpoint on schedule; then answer the test split."""
-        cfg = self.cfg
-        t_start, start = time.time(), self.step
-        if self._rng is not None:
-            set_rng_state(self._rng)
-        counts = self.data.counts()
-        self.metrics.write(
-            {
-                "kind": "resume" if start else "start",
-                "step": start,
-                "time": time.time(),
-                "method": cfg.method,
-                "params": self.raw.num_params(),
-                "trainable": self.trainable(),
-                "records": counts,
-                "dropped": dict(self.data.dropped),
-                "max_steps": self.max_steps,
-                "base": self.base["path"],
-                "device": str(self.device),
-            }
-        )
-        log.info(
-            "%s %s fine-tuning: %d train / %d val / %d test records (dropped %s), "
-            "%.2fM trainable of %.2fM parameters, %d steps of %d x %d records",
-            "resuming" if start else "starting",
-            cfg.method,
-            counts["train"],
-            counts["val"],
-            counts["test"],
-            dict(self.data.dropped) or "none",
-            self.trainable() / 1e6,
-            self.raw.num_params() / 1e6,
-            self.max_steps,
-            cfg.micro_batch_size,
-            cfg.grad_accum_steps,
-        )
-        val_loss = self.evaluate() if start == 0 and cfg.eval_every else None
-        evaluated = val_loss is not None
-        first_val = val_loss
-        train_loss: float | None = None
-        last_ckpt = self.resumed_from
-        timed = Counter()  # tokens, positions, seconds of the timed steps
-        t_log, since = time.perf_counter(), Counter()
-        self.raw.train()
-        if progress:
-            progress(start, self.max_steps)
-        with GracefulStop() as stop:
-            while self.step < self.max_steps:
-                t0 = time.perf_counter()
-                stats = self.train_step()
-                done = self.step
-                since.update(tokens=stats["tokens"], positions=stats["positions"])
-                if done % cfg.log_every == 0 or done == self.max_steps:
-                    train_loss = float(stats["loss"])
-                    now = time.perf_counter()
-                    if done > start + 1:  # the first step pays for warm-up
-                        timed.update(tokens=since["tokens"], positions=since["positions"])
-                        timed["seconds"] += now - t_log
-                    tok_s = since["tokens"] / (now - t_log)
-                    padding = 1 - stats["tokens"] / stats["positions"]
-                    self.metrics.write(
-                        {
-                            "kind": "train",
-                            "step": done,
-                            "loss": train_loss,
-                            "lr": stats["lr"],
-                            "grad_norm": float(stats["grad_norm"]),
-                            "targets": stats["targets"],
-                            "tokens_per_s": tok_s,
-                            "positions_per_s": since["positions"] / (now - t_log),
-                            "padding": padding,
-                            "epoch": self.train_loader.epoch,
-                            "ms_per_step": (now - t0) * 1000,
-                            "time": time.time(),
-                        }
-                    )
-                    log.info(
-                        "step %d/%d | loss %.4f | lr %.2e | norm %.2f | %.0f tok/s | pad %.0f%%",
-                        done,
-                        self.max_steps,
-                        train_loss,
-                        stats["lr"],
-                        float(stats["grad_norm"]),
-                        tok_s,
-                        100 * padding,
-                    )
-                    t_log, since = time.perf_counter(), Counter()
-                t_pause = time.perf_counter()
-                final = done == self.max_steps
-                if not final and stop.requested():
-                    last_ckpt = self.save()  # the step in flight is kept
-                    break
-                if final or (cfg.eval_every and done % cfg.eval_every == 0):
-                    val_loss, evaluated = self.evaluate(), True
-                if final or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
-                    last_ckpt = self.save()
-                if progress:
-                    progress(done, self.max_steps)
-                t_log += time.perf_counter() - t_pause
-        self.metrics.close()
-        if stop.name:  # unfinished: no test answers and no manifest, so it is not taken for done
-            log.warning(
-                "stopped by %s after step %d; %s holds it and `--resume` continues there",
-                stop.name,
-                self.step,
-                last_ckpt,
-            )
-            return {"steps": self.step, "stopped_by": stop.name, "checkpoint": str(last_ckpt)}
 
-        records = read_log(self.metrics.path)
-        if train_loss is None:  # a finished run, resumed: report from its log
-            train_loss = next((r["loss"] for r in reversed(records) if r["kind"] == "train"), None)
-        vals = [r for r in records if r["kind"] == "val"]
-        if not evaluated and vals:
-            val_loss = vals[-1]["val_loss"]
-        if first_val is None and vals and vals[0]["step"] == 0:
-            first_val = vals[0]["val_loss"]
-        scores = self.test(last_ckpt)
-        trains = [r for r in records if r["kind"] == "train"]
-        summary = {
-            "steps": self.step,
-            "resumed_from": start or None,
-            "method": cfg.method,
-            "train_loss": train_loss,
-            "val_loss_before": first_val,
-            "val_loss": val_loss,
-            "test": scores,
-            "records": counts,
-            "records_in": self.data.records_in,
-            "dropped": dict(self.data.dropped),
-            "tokens_per_s": timed["tokens"] / timed["seconds"] if timed["seconds"] else None,
-            "positions_per_s": timed["positions"] / timed["seconds"] if timed["seconds"] else None,
-            "padding": (sum(r["padding"] for r in trains) / len(trains)) if trains else None,
-            "params": self.raw.num_params(),
-            "trainable": self.trainable(),
-            "base": self.base,
-            "checkpoint": str(last_ckpt) if last_ckpt else None,
-            "test_responses": str(self.work.test_responses) if scores else None,
-            "log": str(self.metrics.path),
-            "plot": None,
-            "seconds": round(time.time() - t_start, 2),
-            "stopped_by": None,
-        }
-        plot = plot_losses(self.metrics.path, self.work.loss_plot(FINETUNE))
-        summary["plot"] = str(plot) if plot else None
-        atomic_write_json(
-            self.work.manifest(FINETUNE),
-            {
-                "stage": "finetune",
-                "config_hash": config_hash(cfg, self.base["sha256"], self.data.fingerprint),
-                "config": cfg.model_dump(mode="json"),
-                "model_config": self.model_dict,
-                "data": self.data.files,
-                "data_fingerprint": self.data.fingerprint,
-                **summary,
-            },
-        )
-        return summary
-
-
-def run_finetune(
-    cfg: FinetuneConfig,
-    workdir: Path,
-    resume: bool = True,
-    overwrite: bool = False,
-    progress: ProgressFn | None = None,
-) -> dict:
+def run_finetune(cfg: FinetuneConfig, workdir: Path, overwrite: bool = False,
+                 progress: ProgressFn | None = None) -> dict:
     """Fine-tune as cfg says into <workdir>/finetune; returns the summary.
 
-    resume=True continues from the newest checkpoint (a finished run only re-reports);
-    resume=False starts a new run and refuses to replace an existing one unless overwrite.
+    Continues from the newest checkpoint (a finished run only re-reports); overwrite deletes
+    the previous run's checkpoints, log and answers and starts over.
     """
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    try:
-        if cfg.num_threads:
-            torch.set_num_threads(cfg.num_threads)
-        trainer = FinetuneTrainer(cfg, Path(workdir), resume=resume, overwrite=overwrite)
-        return trainer.fit(progress)
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
+    return train(Finetuning, cfg, workdir, overwrite, progress)

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import FORMAT as PRETRAIN_FORMAT
-from model.checkpoint import CheckpointManager
+from model.checkpoint import PRETRAIN_FORMAT, CheckpointManager
 from model.gpt import GPT, GPTConfig
 from pipeline.encoding import EOT_ID
 from pipeline.files import PRETRAIN, WorkFolder, atomic_write, atomic_write_json, sha256_file

@@ -4,28 +4,23 @@ A CHECKPOINT argument is a checkpoint file, a `checkpoints/` folder, a stage fol
 (`<workdir>/finetune`) or a work folder; a folder means its newest complete checkpoint, and a
 work folder the one of its latest stage: fine-tuned if there is one, else pretrained.
 
-Two checkpoint formats exist: pretraining's (model/train.py; also what `forge import-gpt2`
-writes) and fine-tuning's (model/finetune.py). A full fine-tune stores the whole model; a LoRA
+Checkpoints are read by model/checkpoint.py: pretraining's (also what `forge import-gpt2`
+writes) and fine-tuning's. A full fine-tune stores the whole model; a LoRA
 fine-tune only its adapters plus the path and sha256 of the checkpoint it started from, so
 load_model() rebuilds base + adapters and merges them.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from model.checkpoint import FORMAT as PRETRAIN_FORMAT
-from model.checkpoint import CheckpointError, CheckpointManager
+from model.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from model.gpt import GPT, GPTConfig
 from pipeline.files import FINETUNE, PRETRAIN, WorkFolder, sha256_file
-
-FINETUNE_FORMAT = "forge-finetune-checkpoint"
-FORMATS = (PRETRAIN_FORMAT, FINETUNE_FORMAT)
 
 # The Alpaca prompt, as in Raschka's ch. 7 (the input section only when there is an input).
 PREAMBLE = (
@@ -63,33 +58,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
-def read_checkpoint(path: str | Path, expect_sha256: str | None = None) -> dict[str, Any]:
-    """torch.load(weights_only=True) of a forge checkpoint, checked against its sidecar's sha256
-    (and against expect_sha256, when the caller knows which bytes it wants)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    side = CheckpointManager.sidecar_for(path)
-    wanted = [expect_sha256] if expect_sha256 else []
-    if side.is_file():
-        try:
-            wanted.append(json.loads(side.read_text())["sha256"])
-        except (ValueError, KeyError, TypeError):
-            raise CheckpointError(f"sidecar {side} is unreadable; delete it and {path}") from None
-    if wanted and any(sha != sha256_file(path) for sha in wanted):
-        raise CheckpointError(
-            f"checkpoint {path} does not have the expected sha256: it is corrupt or was "
-            "replaced; delete it to resume from an older one"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing
-        raise CheckpointError(f"checkpoint {path} cannot be loaded: {e}") from e
-    if not isinstance(state, dict) or state.get("format") not in FORMATS:
-        raise CheckpointError(f"{path} is not a forge checkpoint")
-    return state
-
-
 def build_model(model_config: dict, **overrides: Any) -> GPT:
     """An uninitialized-weights GPT of a checkpoint's config (fields it lacks keep defaults)."""
     fields = set(GPTConfig.__dataclass_fields__)
@@ -109,7 +77,7 @@ def load_model(
     everything but the weights and the optimizer, plus `path`: the file read.
     """
     path = resolve_checkpoint(path)
-    state = read_checkpoint(path)
+    state = load_checkpoint(path)
     weights = state.pop("model")
     overrides = {} if dropout is None else {"dropout": dropout}
     if state.get("method") == "lora":

@@ -8,11 +8,12 @@ the field.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -39,6 +40,10 @@ class SourceConfig(Strict):
     hf_split: str = Field(default="train", description="Dataset split (hf:// only).")
     max_docs: int | None = Field(
         default=None, ge=1, description="Stop after this many documents (hf:// only)."
+    )
+    optional: bool = Field(
+        default=False, description="Run without this source when it matches no file (a counted "
+        "drop); otherwise a source that matches nothing fails the run before any work."
     )
 
     @field_validator("uri")
@@ -75,7 +80,8 @@ class ExtractConfig(Strict):
         "bench/extract_compare.py), or trafilatura.",
     )
     strip_gutenberg: bool = Field(
-        default=True, description="Cut Project Gutenberg START/END licence boilerplate."
+        default=True, description="Cut Project Gutenberg licence boilerplate (START/END markers, "
+        "the old-style 'End of the Project Gutenberg EBook' line) and opening producer credits."
     )
     max_doc_mb: float = Field(
         default=20.0, gt=0, description="Documents larger than this are dropped (too_large)."
@@ -126,6 +132,22 @@ class TokenizeConfig(Strict):
         default=0.01, ge=0, lt=1, description="Fraction of documents held out for validation."
     )
     seed: int = Field(default=1337, description="Seed of the train/val document split.")
+    mix: dict[str, float] = Field(
+        default_factory=dict,
+        description="Source name -> weight of its documents in the train split: 2 repeats "
+        "each twice, 0.5 keeps a seeded half, 0 drops the source, 1.5 keeps all once and a "
+        "seeded half twice; unnamed sources weigh 1. The val split is never reweighted.",
+    )
+
+    @field_validator("mix")
+    @classmethod
+    def _weights(cls, value: dict[str, float]) -> dict[str, float]:
+        for source, weight in value.items():
+            if not math.isfinite(weight) or weight < 0:
+                raise ValueError(f"the weight of {source!r} must be a number >= 0 (0 drops the "
+                                 f"source, 0.5 keeps a seeded half, 2 repeats it twice), not "
+                                 f"{weight}")
+        return value
 
 
 class GopherQualityRules(Strict):
@@ -231,6 +253,30 @@ class FineWebRules(Strict):
     )
 
 
+class ClassifierRules(Strict):
+    """A learned quality score, as DCLM (Li et al. 2024: fastText, instruction-like text
+    against web text, the top 10% kept) and FineWeb-Edu (a score threshold) kept data: the
+    positive label's probability under a fastText model, written to meta.quality_score."""
+
+    model: str = Field(description="A fastText classifier file (.bin/.ftz): the output of "
+                       "`forge train-classifier`, DCLM's fasttext-oh-eli5, or any other.")
+    label: str = Field(default="hq", min_length=1, description="Its positive label, without "
+                       "__label__ (DCLM's and forge's models: hq).")
+    threshold: float | None = Field(default=None, ge=0, le=1, description="Keep documents "
+                                    "scoring at least this.")
+    top_fraction: float | None = Field(default=None, gt=0, le=1, description="Keep this share "
+                                       "of each source's documents, the highest scores (as "
+                                       "they enter the filter stage). Neither set: score only.")
+    max_chars: int = Field(default=100_000, ge=100, description="The model reads at most this "
+                           "many leading characters.")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> ClassifierRules:
+        if self.threshold is not None and self.top_fraction is not None:
+            raise ValueError("set threshold or top_fraction, not both")
+        return self
+
+
 class FilterRules(Strict):
     """Everything the filter decides with; `per_source` overrides any of it for one source."""
 
@@ -257,6 +303,8 @@ class FilterRules(Strict):
     gopher_quality: GopherQualityRules = Field(default_factory=GopherQualityRules)
     c4: C4Rules = Field(default_factory=C4Rules)
     fineweb: FineWebRules = Field(default_factory=FineWebRules)
+    classifier: ClassifierRules | None = Field(
+        default=None, description="A learned quality score, last of the rules (null: none).")
     mask_pii: bool = Field(default=True, description="Mask emails and public IPv4 addresses.")
     email_placeholder: str = Field(default="email@example.com", description="Replaces emails.")
     ip_placeholder: str = Field(

@@ -114,7 +114,8 @@ def run_map_stage(cfg: ForgeConfig, name: str, section: BaseModel, stage_hash: s
                   unit_fn: Callable[[dict], UnitResult], progress: ProgressFn | None = None,
                   overwrite: bool = False, payload: dict | None = None,
                   before_units: Callable[[], None] | None = None,
-                  manifest_extra: dict | None = None) -> dict:
+                  manifest_extra: dict | None = None,
+                  summarize: Callable[[dict[str, dict]], dict] | None = None) -> dict:
     """A stage that maps every upstream part to one output part (filter, dedupe,
     decontaminate), under `stage_hash` (the value of the stage's fingerprint function).
 
@@ -138,6 +139,7 @@ def run_map_stage(cfg: ForgeConfig, name: str, section: BaseModel, stage_hash: s
         ]
         records = stage.run_units(units, unit_fn, cfg.workers, progress, executor=cfg.executor)
         return finish_document_stage(stage, records, upstream["output_fingerprint"],
-                                     **(manifest_extra or {}))
+                                     **(manifest_extra or {}),
+                                     **(summarize(records) if summarize else {}))
 
     return run_stage(name, WorkFolder(cfg.workdir).stage(name), stage_hash, overwrite, work)

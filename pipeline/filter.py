@@ -27,9 +27,18 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 from datatrove.utils.text import PUNCTUATION, TERMINAL_PUNCTUATION
 
+from pipeline.classifier import (
+    Classifier,
+    ScoreLog,
+    load_classifier,
+    merge_score_logs,
+    model_digest,
+    top_fraction_cutoff,
+)
 from pipeline.config import (
     PRESETS,
     C4Rules,
+    ClassifierRules,
     FilterConfig,
     FilterRules,
     FineWebRules,
@@ -39,6 +48,7 @@ from pipeline.config import (
 )
 from pipeline.contract import ProgressFn, UnitResult
 from pipeline.documents import Drop, PartWriter, map_stage_fingerprint, read_part, run_map_stage
+from pipeline.registry import input_manifest
 
 # ---------------------------------------------------------------- shared text statistics
 
@@ -501,13 +511,41 @@ class Outcome:
     drop: Drop | None
     repairs: Counter = field(default_factory=Counter)
     meta: dict = field(default_factory=dict)
+    score: float | None = None  # the classifier's, when there is one and the rules passed
+
+
+@dataclass
+class QualityScore:
+    """The learned quality score (pipeline/classifier.py), the last rule: kept at or above
+    `cutoff` (the threshold, or the source's top-fraction cutoff); None keeps everything."""
+
+    classifier: Classifier
+    settings: ClassifierRules
+    cutoff: float | None
+    name: ClassVar[str] = "classifier"
+
+    def score(self, text: str) -> float:
+        return self.classifier.score(text, self.settings.max_chars)
+
+    def check(self, score: float) -> Drop | None:
+        if self.cutoff is None or score >= self.cutoff:
+            return None
+        what = "below_threshold" if self.settings.threshold is not None else "below_top_fraction"
+        return Drop(f"{self.name}:{what}", f"{score:.4f} < {self.cutoff:.4f}")
+
+
+def classifier_field(source: str | None) -> str:
+    return f"data.filter.per_source.{source}.classifier" if source else "data.filter.classifier"
 
 
 class QualityFilter:
     """The rules of one source in FineWeb's order (language, Gopher repetition, Gopher
-    quality, C4, FineWeb quality), then PII masking of what is kept."""
+    quality, C4, FineWeb quality), the learned quality score, then PII masking of what is
+    kept. The score is of the text as it enters the stage, so that a top-fraction cutoff
+    taken before the units holds in them."""
 
-    def __init__(self, rules: FilterRules):
+    def __init__(self, rules: FilterRules, cutoff: float | None = None,
+                 source: str | None = None):
         self.settings = rules
         self.c4_lines = C4LineFilter(rules.c4) if rules.c4.enabled and rules.c4.remove_lines \
             else None
@@ -526,6 +564,13 @@ class QualityFilter:
             self.after_c4.append(FineWebQuality(rules.fineweb))
         self.pii = PIIMasker(rules.email_placeholder, rules.ip_placeholder) \
             if rules.mask_pii else None
+        self.quality: QualityScore | None = None
+        if rules.classifier:
+            classifier = load_classifier(rules.classifier.model, rules.classifier.label,
+                                         classifier_field(source))
+            threshold = rules.classifier.threshold
+            self.quality = QualityScore(classifier, rules.classifier,
+                                        threshold if threshold is not None else cutoff)
 
     @property
     def rules(self) -> list[Rule]:
@@ -553,6 +598,12 @@ class QualityFilter:
             if drop := rule.check(doc):
                 outcome.drop = drop
                 return outcome
+        if self.quality:
+            outcome.score = self.quality.score(text)
+            outcome.meta["quality_score"] = round(outcome.score, 4)
+            if drop := self.quality.check(outcome.score):
+                outcome.drop = drop
+                return outcome
         if self.pii:
             outcome.text, masked = self.pii.mask(outcome.text)
             outcome.repairs.update(masked)
@@ -570,15 +621,19 @@ class QualityFilter:
 
 
 class SourceFilters:
-    """A `QualityFilter` per source name, built on first use from a FilterConfig."""
+    """A `QualityFilter` per source name, built on first use from a FilterConfig and the
+    sources' top-fraction cutoffs."""
 
-    def __init__(self, cfg: FilterConfig):
+    def __init__(self, cfg: FilterConfig, cutoffs: dict[str, float] | None = None):
         self.cfg = cfg
+        self.cutoffs = cutoffs or {}
         self._by_source: dict[str, QualityFilter] = {}
 
     def __getitem__(self, source: str) -> QualityFilter:
         if source not in self._by_source:
-            self._by_source[source] = QualityFilter(self.cfg.for_source(source))
+            self._by_source[source] = QualityFilter(
+                self.cfg.for_source(source), self.cutoffs.get(source),
+                source if source in self.cfg.per_source else None)
         return self._by_source[source]
 
 
@@ -587,17 +642,23 @@ class SourceFilters:
 
 def filter_unit(payload: dict) -> UnitResult:
     """Filter one upstream part into one output part; every document kept or dropped."""
-    filters = SourceFilters(FilterConfig.model_validate(payload["config"]))
+    filters = SourceFilters(FilterConfig.model_validate(payload["config"]), payload["cutoffs"])
     writer = PartWriter(Path(payload["dest"]))
+    scores = ScoreLog()
     for doc in read_part(payload["docs_file"]):
         writer.result.bytes_in += len(doc["text"].encode())
-        outcome = filters[doc.get("source") or ""](doc["text"])
+        source = doc.get("source") or ""
+        outcome = filters[source](doc["text"])
+        if outcome.score is not None:
+            scores.add(source, doc["id"], doc["text"], outcome.score, outcome.drop is None)
         if outcome.drop:
             writer.drop(doc["id"], outcome.drop.reason, outcome.drop.detail)
             continue
         writer.result.repaired.update(outcome.repairs)
         writer.keep({**doc, "text": outcome.text, "meta": {**doc.get("meta", {}), **outcome.meta}})
-    return writer.close()
+    result = writer.close()
+    result.outputs["scores"] = scores.to_json()
+    return result
 
 
 def rules_fingerprint(cfg: FilterConfig) -> str:
@@ -606,8 +667,44 @@ def rules_fingerprint(cfg: FilterConfig) -> str:
         model = cfg.language_model or f"lid.176.ftz {bundled_lid_model().stat().st_size} bytes"
     except (RuntimeError, OSError):  # not installed: the stage fails later if LID is on
         model = "none"
-    payload = json.dumps({"presets": PRESETS, "lid_model": model}, sort_keys=True, default=str)
+    classifiers = {rules.model: model_digest(rules.model) for rules in classifier_rules(cfg)
+                   if Path(rules.model).is_file()}
+    payload = json.dumps({"presets": PRESETS, "lid_model": model, "classifiers": classifiers},
+                         sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def classifier_rules(cfg: FilterConfig) -> list[ClassifierRules]:
+    """The classifier settings of the defaults and of every source that overrides them."""
+    found = [cfg.classifier] + [cfg.for_source(s).classifier for s in cfg.per_source]
+    return [rules for rules in found if rules is not None]
+
+
+def check_filter(cfg: ForgeConfig) -> None:
+    """Fail before any work, naming the field, on a classifier model that is missing,
+    corrupt or without its positive label."""
+    section = cfg.data.filter
+    for source in [None, *section.per_source]:
+        rules = section.for_source(source) if source else section
+        if rules.classifier and (source is None or "classifier" in section.per_source[source]):
+            load_classifier(rules.classifier.model, rules.classifier.label,
+                            classifier_field(source))
+
+
+def top_fraction_cutoffs(cfg: ForgeConfig) -> dict[str, float]:
+    """Per source kept by top fraction: the lowest score it keeps, over all its documents
+    entering the stage (a pass of the classifier alone before the units)."""
+    upstream_dir, upstream = input_manifest(cfg, "filter")
+    filters = SourceFilters(cfg.data.filter)
+    scores: dict[str, list[float]] = {}
+    for part in upstream["parts"]:
+        for doc in read_part(upstream_dir / part["file"]):
+            source = doc.get("source") or ""
+            quality = filters[source].quality
+            if quality and quality.settings.top_fraction is not None:
+                scores.setdefault(source, []).append(quality.score(doc["text"]))
+    return {source: top_fraction_cutoff(values, filters[source].quality.settings.top_fraction)
+            for source, values in sorted(scores.items())}
 
 
 def filter_fingerprint(cfg: ForgeConfig) -> str:
@@ -619,5 +716,17 @@ def filter_fingerprint(cfg: ForgeConfig) -> str:
 def run_filter(cfg: ForgeConfig, progress: ProgressFn | None = None,
                overwrite: bool = False) -> dict:
     """The filter stage: every part of the previous document stage, filtered per source."""
+    check_filter(cfg)
+    payload: dict = {"cutoffs": {}}
+
+    def cutoffs() -> None:  # only when the stage has work to do
+        if any(rules.top_fraction is not None for rules in classifier_rules(cfg.data.filter)):
+            payload["cutoffs"] = top_fraction_cutoffs(cfg)
+
+    def scores(records: dict[str, dict]) -> dict:
+        logs = [r["outputs"].get("scores", {}) for r in records.values()]
+        return {"scores": merge_score_logs(logs, payload["cutoffs"])} if any(logs) else {}
+
     return run_map_stage(cfg, "filter", cfg.data.filter, filter_fingerprint(cfg), filter_unit,
-                         progress, overwrite)
+                         progress, overwrite, payload=payload, before_units=cutoffs,
+                         summarize=scores)

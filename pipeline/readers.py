@@ -251,6 +251,7 @@ def _read_warc(stream: IO[bytes], name: str, max_bytes: int,
                html_extractor: HtmlExtractor) -> Iterator[Doc | Drop]:
     """HTML responses through the HTML extractor; WET conversions as text; the rest skipped."""
     from warcio.archiveiterator import ArchiveIterator
+    from warcio.recordloader import ArchiveLoadFailed, StatusAndHeadersParserException
 
     number = 0
     try:
@@ -282,8 +283,12 @@ def _read_warc(stream: IO[bytes], name: str, max_bytes: int,
                 yield Drop("empty", name=rec_name)
             else:
                 yield html_to_text(data, rec_name, url, html_extractor)
-    except Exception as e:  # noqa: BLE001 - warcio raises many types for a broken record
+    except (ArchiveLoadFailed, StatusAndHeadersParserException) as e:  # warcio's own words
         yield Drop("corrupt_warc_record", str(e)[:200], name=f"{name}#{number + 1}")
+    except Exception as e:  # noqa: BLE001 - warcio trips on headers it did not expect
+        yield Drop("corrupt_warc_record", "malformed WARC headers: a required header (such as "
+                   "WARC-Target-URI) is missing or the header block is cut off "
+                   f"({type(e).__name__} in warcio)", name=f"{name}#{number + 1}")
 
 
 # ---------------------------------------------------------------- archives

@@ -25,6 +25,7 @@ class StageSpec:
     fingerprint: str  # "module:function": (config) -> the config hash the stage runs under
     description: str  # one line: the command's help and the flow's description
     optional: bool = False  # runs only when `data.<name>.enabled` is true
+    check: str | None = None  # "module:function": (config) -> None, raises on bad input
 
 
 STAGES = (
@@ -35,7 +36,7 @@ STAGES = (
               "Downloaded files to documents: HTML and WARC to text, book boilerplate cut."),
     StageSpec("filter", "pipeline.filter:run_filter", "pipeline.filter:filter_fingerprint",
               "Quality rules (Gopher, C4, FineWeb), language identification, PII masking.",
-              optional=True),
+              optional=True, check="pipeline.filter:check_filter"),
     StageSpec("dedupe", "pipeline.dedupe:run_dedupe", "pipeline.dedupe:dedupe_fingerprint",
               "Exact and MinHash near-duplicate removal across all sources.", optional=True),
     StageSpec("decontaminate", "pipeline.decontaminate:run_decontaminate",
@@ -43,7 +44,8 @@ STAGES = (
               "Drop documents that share long n-grams with the evaluation sets.", optional=True),
     StageSpec("tokenize", "pipeline.tokenize:run_tokenize",
               "pipeline.tokenize:tokenize_fingerprint",
-              "Documents to GPT-2 token shards (a zarr group), with shard statistics."),
+              "Documents to GPT-2 token shards (a zarr group), with shard statistics.",
+              check="pipeline.tokenize:check_tokenize"),
 )
 STAGE_NAMES = tuple(spec.name for spec in STAGES)
 SPECS = {spec.name: spec for spec in STAGES}
@@ -62,6 +64,14 @@ def stage_function(name: str) -> Callable[..., dict]:
 def stage_fingerprint(cfg: ForgeConfig, name: str) -> str:
     """The config hash stage `name` would run under now; StageError while its input is missing."""
     return _resolve(SPECS[name].fingerprint)(cfg)
+
+
+def check_stages(cfg: ForgeConfig, names: list[str] | tuple[str, ...]) -> None:
+    """Before any stage runs: each stage's check of the inputs the config names (model
+    files, source names), so that a bad one fails at once, not after the stages before it."""
+    for name in names:
+        if SPECS[name].check:
+            _resolve(SPECS[name].check)(cfg)
 
 
 def is_enabled(cfg: ForgeConfig, name: str) -> bool:

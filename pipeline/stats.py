@@ -60,8 +60,10 @@ def dataset_stats(path: Path) -> dict:
         "fingerprint": dataset.attrs["fingerprint"],
         "tokenizer": dataset.attrs["tokenizer"],
         "source_docs": dataset.attrs["source_docs"],
+        "source_tokens": dataset.attrs.get("source_tokens", {}),
         "splits": splits,
         "stages": stage_stats(dataset.path.parent.parent),
+        "scores": quality_scores(dataset.path.parent.parent),
     }
 
 
@@ -85,6 +87,75 @@ def stage_stats(workdir: Path) -> list[dict]:
             "seconds": manifest.get("wall_seconds"),
         })
     return rows
+
+
+def quality_scores(workdir: Path) -> dict:
+    """The filter's learned quality scores per source (filter.classifier), if it scored."""
+    manifest_path = WorkFolder(workdir).manifest("filter")
+    return read_json(manifest_path).get("scores", {}) if manifest_path.exists() else {}
+
+
+def plot_scores(scores: dict, out: Path) -> None:
+    """One histogram of quality scores per source (the filter's 20 bins over [0, 1])."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for source, row in scores.items():
+        edges = np.linspace(0, 1, len(row["histogram"]) + 1)
+        share = np.asarray(row["histogram"]) / max(row["docs"], 1)
+        steps = ax.stairs(share, edges, label=f"{source} ({row['docs']} docs, "
+                          f"{row['kept']} kept)")
+        if row.get("cutoff") is not None:
+            ax.axvline(row["cutoff"], linestyle=":", color=steps.get_edgecolor())
+    ax.set_xlabel("quality score (classifier's positive-label probability)")
+    ax.set_ylabel("share of the source's documents")
+    ax.set_title("Quality scores per source (filter.classifier)")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def render_scores(scores: dict, console) -> None:
+    """The score distribution per source, and examples at the top, middle and bottom."""
+    from rich.table import Table
+
+    table = Table(title="quality scores per source (filter.classifier; histogram bins of 0.05)",
+                  title_justify="left")
+    for column in ("source", "scored", "kept", "mean", "cutoff", "histogram 0 -> 1"):
+        table.add_column(column, justify="left" if column[0] in "sh" else "right")
+    bars = " ▁▂▃▄▅▆▇█"
+    for source, row in scores.items():
+        peak = max(max(row["histogram"]), 1)
+        spark = "".join(bars[min(8, -(-8 * n // peak))] for n in row["histogram"])
+        cutoff = "-" if row.get("cutoff") is None else f"{row['cutoff']:.3f}"
+        table.add_row(source, f"{row['docs']:,}", f"{row['kept']:,}", f"{row['mean']:.3f}",
+                      cutoff, spark)
+    console.print(table)
+    examples = Table(title="examples by score", title_justify="left")
+    for column in ("source", "where", "score", "document", "text"):
+        examples.add_column(column, overflow="fold")
+    for source, row in scores.items():
+        for where in ("top", "middle", "bottom"):
+            for example in row["examples"][where]:
+                examples.add_row(source, where, f"{example['score']:.3f}", example["id"],
+                                 example["text"][:120])
+    console.print(examples)
+
+
+def partial_stats(workdir: Path) -> dict:
+    """A work folder without a finished dataset: the stages done (with their drops by
+    reason) and the stages under way (units committed), so a failed run can be diagnosed."""
+    folder = WorkFolder(workdir)
+    under_way = {name: len(list((folder.stage(name) / "units").glob("*.json")))
+                 for name in STAGE_NAMES
+                 if folder.stage(name).is_dir() and not folder.manifest(name).exists()}
+    return {"dataset": None, "missing": str(folder.dataset), "stages": stage_stats(workdir),
+            "under_way": under_way}
 
 
 def plot_doc_lengths(path: Path, out: Path) -> None:
@@ -130,19 +201,46 @@ def render_stats(stats: dict) -> None:
                            f"{d['median']:,.0f}", f"{d['p99']:,.0f}", f"{d['max']:,}",
                            f"{row['bytes_per_token']:.2f}", end_section=label.endswith("total"))
     console.print(shards)
-    mix = Table(title="source mix (documents)", title_justify="left")
+    mix = Table(title="source mix (documents in shards; train tokens before and after "
+                "tokenize.mix)", title_justify="left")
     mix.add_column("source")
-    mix.add_column("docs", justify="right")
+    for column in ("docs", "weight", "tokens before", "tokens after"):
+        mix.add_column(column, justify="right")
     for source, docs in stats["source_docs"].items():
-        mix.add_row(source, f"{docs:,}")
+        tokens = stats["source_tokens"].get(source)
+        mix.add_row(source, f"{docs:,}", *(
+            (f"{tokens['weight']:g}", f"{tokens['before_mix']:,}", f"{tokens['after_mix']:,}")
+            if tokens else ("-", "-", "-")))
     console.print(mix)
-    stages = Table(title="stages", title_justify="left")
+    console.print(_stages_table(stats["stages"]))
+    if stats.get("scores"):
+        render_scores(stats["scores"], console)
+        console.print(f"quality-score histogram: {stats['scores_plot']}")
+    console.print(f"document-length histogram: {stats['plot']}")
+
+
+def render_partial_stats(stats: dict) -> None:
+    from rich.console import Console
+
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    console.print(f"[bold]no token dataset yet[/] ({stats['missing']} does not exist)")
+    if stats["stages"]:
+        console.print(_stages_table(stats["stages"], title="stages done"))
+    for name, units in stats["under_way"].items():
+        console.print(f"{name}: under way or failed, {units} units committed")
+    console.print("to finish it: `forge prepare --config YOUR_CONFIG` (it resumes); if a stage "
+                  "dropped every document, first change the sources or the rules its drops name")
+
+
+def _stages_table(rows: list[dict], title: str = "stages"):
+    from rich.table import Table
+
+    stages = Table(title=title, title_justify="left")
     for column in ("stage", "in", "out", "dropped or repaired, by reason", "MB out", "s"):
         stages.add_column(column, justify="left" if column[0] in "sd" else "right")
-    for row in stats["stages"]:
+    for row in rows:
         reasons = [f"{k} {v}" for k, v in row["dropped"].items()]
         reasons += [f"repaired {k} {v}" for k, v in row["repaired"].items()]
         stages.add_row(row["stage"], f"{row['in']:,} {row['unit']}", f"{row['out']:,}",
                        ", ".join(reasons) or "-", str(row["mb_out"]), str(row["seconds"]))
-    console.print(stages)
-    console.print(f"document-length histogram: {stats['plot']}")
+    return stages

@@ -12,13 +12,15 @@ only on the seed and its id, so the result does not depend on the number of work
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import ForgeConfig, TokenizeConfig
+from pipeline.config import ConfigError, ForgeConfig, TokenizeConfig
 from pipeline.contract import ProgressFn, Stage, StageError, Unit, UnitResult, run_stage
 from pipeline.documents import read_part
+from pipeline.download import source_name
 from pipeline.encoding import EOT_ID, VOCAB_SIZE, get_encoding
 from pipeline.files import WorkFolder, commit_all, config_hash, temp_path_for
 from pipeline.registry import input_manifest
@@ -81,23 +83,51 @@ def tokenize_unit(payload: dict) -> UnitResult:
 # ---------------------------------------------------------------- packing into shards
 
 
+def mix_copies(weight: float, rank: float, val_fraction: float) -> int:
+    """How many times a train document of a source of `weight` goes into the train split:
+    the weight's whole part, plus one for a seeded share (its fractional part) of the
+    documents. The share is drawn from the document's split rank, uniform over the train
+    documents once rescaled, so it depends only on the seed and the id."""
+    whole = int(weight)
+    return whole + ((rank - val_fraction) / (1 - val_fraction) < weight - whole)
+
+
 def plan_shards(units: list[tuple[str, np.ndarray, list[str]]], shard_tokens: int,
-                want_val: bool) -> list[dict]:
-    """Greedy packing in document order; each shard lists runs (unit, token start, end)."""
+                want_val: bool, mix: dict[str, float] | None = None, val_fraction: float = 0.0,
+                tally: dict[str, dict[str, int]] | None = None) -> list[dict]:
+    """Greedy packing in document order; each shard lists runs (unit, token start, end).
+
+    With a `mix`, the train split is packed in passes: the second pass holds the second
+    copies of the sources weighing more than 1, and so on, so repeats are spread out.
+    `tally` receives the train tokens per source before and after the mix.
+    """
+    mix = mix or {}
+    tally = tally if tally is not None else {}
+    before, after = tally.setdefault("before", {}), tally.setdefault("after", {})
     val = {(u, int(i)) for u, (_, docs, _) in enumerate(units) for i in np.flatnonzero(docs["val"])}
     ranks = [(r, u, i) for u, (_, docs, _) in enumerate(units) for i, r in enumerate(docs["rank"])]
     if want_val and not val and len(ranks) > 1:
         _, u, i = min(ranks)  # keep a val split on a tiny corpus: the lowest-ranked document
         val = {(u, i)}
     plans: list[dict] = []
-    for split in SPLITS:
-        current: dict | None = None
+    passes = math.ceil(max([1.0, *mix.values()]))
+    current: dict | None = None
+    for split, repeat in [("train", r) for r in range(passes)] + [("val", 0)]:
+        if repeat == 0:
+            current = None  # a split starts a shard
         for u, (unit_id, docs, sources) in enumerate(units):
             starts = np.concatenate([[0], np.cumsum(docs["tokens"], dtype=np.int64)])
             for i, doc in enumerate(docs):
                 if ((u, i) in val) != (split == "val"):
                     continue
-                size = int(doc["tokens"])
+                size, source = int(doc["tokens"]), sources[doc["source"]]
+                if split == "train" and repeat == 0:
+                    before[source] = before.get(source, 0) + size
+                weight = mix.get(source, 1.0)
+                if split == "train" and mix_copies(weight, doc["rank"], val_fraction) <= repeat:
+                    continue
+                if split == "train":
+                    after[source] = after.get(source, 0) + size
                 if current is None or (current["tokens"] and current["tokens"] + size >
                                        shard_tokens):
                     current = {"split": split, "name": f"{len(_of(plans, split)):06d}",
@@ -113,7 +143,6 @@ def plan_shards(units: list[tuple[str, np.ndarray, list[str]]], shard_tokens: in
                 current["tokens"] += size
                 current["doc_sizes"].append(size)
                 current["text_bytes"] += int(doc["bytes"])
-                source = sources[doc["source"]]
                 current["sources"][source] = current["sources"].get(source, 0) + 1
     return plans
 
@@ -150,6 +179,7 @@ def tokenize_fingerprint(cfg: ForgeConfig) -> str:
 
 def run_tokenize(cfg: ForgeConfig, progress: ProgressFn | None = None,
                  overwrite: bool = False) -> dict:
+    check_tokenize(cfg)
     docs_dir, upstream = input_manifest(cfg, "tokenize")
     tcfg = cfg.data.tokenize
     work = WorkFolder(cfg.workdir)
@@ -170,10 +200,15 @@ def run_tokenize(cfg: ForgeConfig, progress: ProgressFn | None = None,
                                   executor=cfg.executor, threads=True)
         loaded = [(u.id, np.load(units_dir / f"{u.id}.docs.npy"),
                    records[u.id]["outputs"]["sources"]) for u in units]
-        plans = plan_shards(loaded, tcfg.shard_tokens, tcfg.val_fraction > 0)
+        check_mix(tcfg, {s for _, _, sources in loaded for s in sources})
+        tally: dict[str, dict[str, int]] = {}
+        plans = plan_shards(loaded, tcfg.shard_tokens, tcfg.val_fraction > 0, tcfg.mix,
+                            tcfg.val_fraction, tally)
         if not plans:
-            raise StageError("tokenize: the input holds no document; check the sources and the "
-                             "drop counts of `forge stats`")
+            raise StageError(
+                f"tokenize: the input ({docs_dir}) holds no document: every one was dropped "
+                f"or none was found; see the drops by stage and reason with `forge stats "
+                f"{work.root}`, then fix the sources or the filter rules")
         dataset, staging = work.dataset, stage.folder / "staging"
         staging.mkdir(exist_ok=True)
         create_layout(dataset)
@@ -187,7 +222,10 @@ def run_tokenize(cfg: ForgeConfig, progress: ProgressFn | None = None,
             write_shard, cfg.workers, progress, executor=cfg.executor, threads=True,
         )
         shards = [r["outputs"]["shard"] for r in shard_records.values()]
-        attributes = dataset_attributes(shards, stage.config_hash)
+        attributes = dataset_attributes(shards, stage.config_hash, source_tokens={
+            source: {"weight": tcfg.mix.get(source, 1.0), "before_mix": tokens,
+                     "after_mix": tally["after"].get(source, 0)}
+            for source, tokens in sorted(tally["before"].items())})
         write_group_attributes(dataset, attributes)
         return stage.write_manifest(
             records,
@@ -202,7 +240,23 @@ def run_tokenize(cfg: ForgeConfig, progress: ProgressFn | None = None,
                      tokenize)
 
 
-def dataset_attributes(shards: list[dict], cfg_hash: str) -> dict:
+def check_tokenize(cfg: ForgeConfig) -> None:
+    """Before any work: the mix names sources of the config (when it lists them)."""
+    if cfg.data.sources:
+        check_mix(cfg.data.tokenize, {source_name(s) for s in cfg.data.sources})
+
+
+def check_mix(cfg: TokenizeConfig, sources: set[str]) -> None:
+    """A mix naming a source that no document has is a typo: fail, naming it."""
+    for name in cfg.mix:
+        if name not in sources:
+            raise ConfigError(f"data.tokenize.mix names source {name!r}, which no document has "
+                              f"(sources: {', '.join(sorted(sources)) or 'none'}); fix the "
+                              "name or remove it")
+
+
+def dataset_attributes(shards: list[dict], cfg_hash: str,
+                       source_tokens: dict[str, dict] | None = None) -> dict:
     splits, mix = {}, {}
     for split in SPLITS:
         mine = [s for s in shards if s["split"] == split]
@@ -220,6 +274,7 @@ def dataset_attributes(shards: list[dict], cfg_hash: str) -> dict:
         "dtype": "uint16",
         "splits": splits,
         "source_docs": dict(sorted(mix.items())),
+        "source_tokens": source_tokens or {},  # train tokens per source, before/after the mix
         "config_hash": cfg_hash,
         "shards": sorted(shards, key=lambda s: (SPLITS.index(s["split"]), s["name"])),
         "fingerprint": fingerprint(shards),

@@ -138,6 +138,8 @@ def test_commands(model: GPT, enc) -> None:
             "/settings",
             "/reset",
             "/bogus",
+            "/help",
+            "/",
             "/exit",
             "never read",
         ]
@@ -150,6 +152,8 @@ def test_commands(model: GPT, enc) -> None:
     assert "(temperature = 0.5)" in text and "top_p must be in (0, 1]" in text
     assert "temperature 0.5, top_k 50" in text and "(conversation cleared)" in text
     assert "/reset" in text.split("cleared")[1]  # the help
+    assert text.count("(unknown command or arguments: /bogus; the commands are below)") == 1
+    assert text.count("unknown command") == 2 and text.count("/settings ") == 3  # `/`, /help
     assert chat.turns == [] and chat.settings.temperature == 0.5
 
 

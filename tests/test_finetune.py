@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from conftest import DATA, VOCAB
 from test_loader import make_dataset
 
 from configs.run import load_training_section, validate_training_section
-from model.checkpoint import CheckpointError, CheckpointManager
+from model.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from model.config import PretrainConfig
 from model.finetune import (
     IGNORE,
@@ -38,9 +39,10 @@ from model.finetune import (
 )
 from model.finetune_config import FinetuneConfig, FinetuneConfigError
 from model.gpt import GPT, GPTConfig
-from model.inference import format_prompt, load_model, read_checkpoint, resolve_checkpoint
+from model.inference import format_prompt, load_model, resolve_checkpoint
 from model.lora import LoRALinear, apply_lora, lora_state_dict, merge_lora
-from model.train import read_log, run_pretrain
+from model.runtime import read_log
+from model.train import run_pretrain
 from pipeline.config import EvalSetConfig
 from pipeline.encoding import EOT_ID, get_encoding
 from pipeline.instructions import load_records, record_key, split_records
@@ -422,8 +424,10 @@ def test_full_run_outputs(full_run: tuple[Path, dict], pretrained: Path) -> None
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 7))
     assert [r["step"] for r in records if r["kind"] == "val"] == [0, 3, 6]
     assert [s for s, _ in CheckpointManager(out / "checkpoints").complete()] == [3, 6]
-    state = read_checkpoint(out / "checkpoints" / "ckpt-000006.pt")
+    state = load_checkpoint(out / "checkpoints" / "ckpt-000006.pt")
     assert state["method"] == "full" and state["step"] == 6 and state["loader"]["position"] > 0
+    sidecar = json.loads((out / "checkpoints" / "ckpt-000006.json").read_text())
+    assert state["format"] == sidecar["format"] == "forge-finetune-checkpoint"
     base = CheckpointManager(pretrained / "pretrain" / "checkpoints").latest()
     assert state["base"]["path"] == str(base.resolve())
     assert resolve_checkpoint(root / "work") == out / "checkpoints" / "ckpt-000006.pt"
@@ -439,19 +443,24 @@ def test_full_run_outputs(full_run: tuple[Path, dict], pretrained: Path) -> None
     assert manifest["data"][0]["sha256"] and (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_existing_run_needs_resume_or_overwrite(
-    full_run: tuple[Path, dict], pretrained: Path
+def test_rerun_resumes_and_overwrite_starts_over(
+    full_run: tuple[Path, dict], pretrained: Path, tmp_path: Path
 ) -> None:
     root, summary = full_run
     cfg = tiny_finetune(pretrained, root / "data.json")
-    with pytest.raises(FinetuneError, match="--resume.*--overwrite"):
-        run_finetune(cfg, root / "work", resume=False)
-    again = run_finetune(cfg, root / "work", resume=True)  # finished: nothing is retrained
+    again = run_finetune(cfg, root / "work")  # finished: nothing is retrained
     assert again["resumed_from"] == 6 and again["val_loss"] == summary["val_loss"]
     assert again["test"]["rouge_l_f1"] == summary["test"]["rouge_l_f1"]
     other = tiny_finetune(pretrained, root / "data.json", split_seed=7)
-    with pytest.raises(CheckpointError, match="another fine-tuning run"):
-        run_finetune(other, root / "work", resume=True)
+    with pytest.raises(CheckpointError, match="another fine-tuning run.*--overwrite"):
+        run_finetune(other, root / "work")
+    work = tmp_path / "work"
+    shutil.copytree(root / "work", work)
+    over = run_finetune(cfg.model_copy(update={"max_steps": 2}), work, overwrite=True)
+    assert over["resumed_from"] is None and over["steps"] == 2
+    assert [s for s, _ in CheckpointManager(work / "finetune" / "checkpoints").complete()] == [2]
+    records = read_log(work / "finetune" / "log.jsonl")
+    assert [r["kind"] for r in records].count("start") == 1
 
 
 def test_learns_the_taught_answer(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -477,7 +486,7 @@ def test_lora_run_stores_only_adapters(pretrained: Path, tmp_path: Path) -> None
     summary = run_finetune(cfg, tmp_path / "work")
     assert summary["trainable"] < summary["params"] / 50
     path = Path(summary["checkpoint"])
-    state = read_checkpoint(path)
+    state = load_checkpoint(path)
     assert state["method"] == "lora" and state["lora"]["r"] == 4
     assert state["model"] and all(".lora_" in k for k in state["model"])
     base_path = CheckpointManager(pretrained / "pretrain" / "checkpoints").latest()
@@ -531,7 +540,7 @@ def last_step(workdir: Path) -> int:
 def test_killed_run_resumes_with_identical_losses(
     pretrained: Path, tmp_path: Path, method: str, sig: signal.Signals
 ) -> None:
-    """`forge finetune --resume` after a kill logs the same losses bit for bit as a run never
+    """Rerunning `forge finetune` after a kill logs the same losses bit for bit as a run never
     interrupted (dropout on: the RNG states must come back too). SIGKILL falls back to the
     last periodic checkpoint; SIGTERM checkpoints the step in flight and exits with 143."""
     data = write_json(tmp_path / "data.json", synthetic_records(80))
@@ -561,7 +570,6 @@ def test_killed_run_resumes_with_identical_losses(
             "finetune",
             "--config",
             str(config),
-            "--resume",
         ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     whole = subprocess.Popen(
@@ -611,7 +619,7 @@ def test_killed_run_resumes_with_identical_losses(
     ]
     assert val[0] == val[1] and sorted(val[0]) == [0, 12, 24]
     a, b = (
-        read_checkpoint(w / "finetune" / "checkpoints" / "ckpt-000024.pt")["model"]
+        load_checkpoint(w / "finetune" / "checkpoints" / "ckpt-000024.pt")["model"]
         for w in runs.values()
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_finetune import pretrained_workdir, synthetic_records, tiny_finetune, write_json
 
-from model.checkpoint import CheckpointManager
+from model.checkpoint import CheckpointManager, load_checkpoint
 from model.finetune import run_finetune
 from model.gpt import GPT, GPTConfig
 from model.hf_io import HFFormatError, export_hf, hf_config, import_gpt2, load_hf_gpt2
-from model.inference import load_model, read_checkpoint
+from model.inference import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4  # max abs logit difference, fp32 on the CPU
@@ -67,7 +67,7 @@ def test_export_then_import_gives_identical_logits(tmp_path: Path, batch: torch.
         import_gpt2(out, tmp_path / "work")  # it would not be the folder's newest
     single = import_gpt2(out, tmp_path / "gpt2.pt")
     assert torch.equal(logits(load_model(single)[0], batch), logits(model, batch))
-    assert read_checkpoint(single)["step"] == 0  # verified against its sidecar
+    assert load_checkpoint(single)["step"] == 0  # verified against its sidecar
 
 
 def test_transformers_reads_our_export(tmp_path: Path, batch: torch.Tensor) -> None:

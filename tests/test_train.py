@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import dead_writer_temp
 from test_loader import make_dataset
 
 from configs.run import load_training_section, validate_training_section
@@ -33,7 +34,10 @@ from model.checkpoint import (
 )
 from model.config import PretrainConfig, PretrainConfigError
 from model.data import ShardError
-from model.train import WarmupCosine, read_log, run_pretrain
+from model.optim import lr_multiplier
+from model.runtime import read_log
+from model.train import run_pretrain
+from pipeline.files import temp_path_for
 from pipeline.shards import chunk_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,19 +148,6 @@ def test_yaml_section_and_defaults(tmp_path: Path) -> None:
     assert cfg.gpt_config(50257).block_size == 256 and cfg.gpt_config(50257).n_layer == 4
 
 
-def test_warmup_then_cosine_to_the_floor() -> None:
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = WarmupCosine(opt, lr=1.0, min_lr=0.1, warmup_steps=4, max_steps=20)
-    lrs = [sched.step() for _ in range(24)]
-    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert lrs[4] == 1.0 and all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
-    assert lrs[12] == pytest.approx(0.55) and lrs[19] > 0.1 and lrs[20:] == [0.1] * 4
-    assert opt.param_groups[0]["lr"] == 0.1
-    again = WarmupCosine(opt, lr=1.0, min_lr=0.1, warmup_steps=4, max_steps=20)
-    again.load_state_dict(WarmupCosine(opt, 1.0, 0.1, 4, 20).state_dict() | {"step": 12})
-    assert again.step() == lrs[12]
-
-
 # ---------------------------------------------------------------- checkpoints
 
 
@@ -169,7 +160,7 @@ def test_half_written_checkpoints_are_ignored(tmp_path: Path) -> None:
     manager.save(1, small_state(1))
     manager.save(2, small_state(2))
     # a save killed before its rename, and one killed before its sidecar
-    (tmp_path / ".ckpt-000003.pt.4242.tmp").write_bytes(b"partial")
+    dead_writer_temp(tmp_path / "ckpt-000003.pt")
     shutil.copy(tmp_path / "ckpt-000002.pt", tmp_path / "ckpt-000003.pt")
     assert manager.latest() == tmp_path / "ckpt-000002.pt"
     # a newest checkpoint cut short (its sidecar records the full size)
@@ -245,6 +236,9 @@ def test_short_run_outputs(short_run: tuple[Path, dict]) -> None:
     assert [s for s, _ in CheckpointManager(out / "checkpoints").complete()] == [8, 12]
     train = [r for r in records if r["kind"] == "train"]
     assert train[0]["lr"] == pytest.approx(3e-3 / 5) and train[-1]["mfu"] is None
+    # the learning rate of step s is a function of s alone: the peak times lr_multiplier(s)
+    cfg = tiny_config(Path("."), max_steps=12)
+    assert [r["lr"] for r in train] == [3e-3 * lr_multiplier(s, cfg, 12) for s in range(12)]
     assert train[-1]["loss"] < train[0]["loss"] - 0.3
 
 
@@ -255,7 +249,6 @@ def test_checkpoint_loads_weights_only(short_run: tuple[Path, dict]) -> None:
     assert {
         "model",
         "optimizer",
-        "scheduler",
         "loader",
         "rng",
         "model_config",
@@ -263,7 +256,9 @@ def test_checkpoint_loads_weights_only(short_run: tuple[Path, dict]) -> None:
         "step",
         "train_config",
     } <= set(state)
-    assert state["step"] == 12 and state["scheduler"]["step"] == 12
+    assert state["step"] == 12 and state["format"] == "forge-pretrain-checkpoint"
+    assert json.loads(path.with_suffix(".json").read_text())["format"] == state["format"]
+    assert all(g["initial_lr"] == 3e-3 for g in state["optimizer"]["param_groups"])
     assert state["model_config"]["n_layer"] == 2 and state["model_config"]["vocab_size"] == 512
     assert state["loader"]["position"] == 12 * 2 * 8
     assert set(state["rng"][0]) == {"torch", "numpy", "python"}
@@ -278,6 +273,28 @@ def test_finished_run_is_not_redone(short_run: tuple[Path, dict], dataset: Path)
     assert again["resumed_from"] == 12 and again["checkpoint"] == summary["checkpoint"]
     assert again["train_loss"] == summary["train_loss"]
     assert again["val_loss"] == summary["val_loss"]
+
+
+def test_checkpoint_of_the_older_format_resumes(
+    short_run: tuple[Path, dict], dataset: Path, tmp_path: Path
+) -> None:
+    """A version 1 checkpoint (a "scheduler" state, no initial_lr in the optimizer's groups)
+    resumes exactly as the same checkpoint in today's format."""
+    workdir, _ = short_run
+    runs = {name: tmp_path / name for name in ("today", "older")}
+    for run in runs.values():
+        shutil.copytree(workdir / "pretrain", run / "pretrain")
+    manager = CheckpointManager(runs["older"] / "pretrain" / "checkpoints")
+    state = manager.load()
+    for group in state["optimizer"]["param_groups"]:
+        del group["initial_lr"]
+    manager.save(12, state | {"version": 1, "scheduler": {"step": 12, "lr": 3e-3}})
+    cfg = tiny_config(dataset, max_steps=14, eval_every=6, checkpoint_every=4, dropout=0.1)
+    summaries = [run_pretrain(cfg, run) for run in runs.values()]
+    assert [s["resumed_from"] for s in summaries] == [12, 12]
+    today, older = (train_records(run) for run in runs.values())
+    assert [today[s]["loss"] for s in (13, 14)] == [older[s]["loss"] for s in (13, 14)]
+    assert today[14]["lr"] == older[14]["lr"]
 
 
 @pytest.mark.parametrize(
@@ -307,14 +324,26 @@ def test_checkpoint_of_another_dataset_is_refused(
     assert "fingerprint" in str(info.value) or "trained on dataset" in str(info.value)
 
 
-def test_no_resume_starts_over(dataset: Path, tmp_path: Path) -> None:
+def test_overwrite_starts_over(dataset: Path, tmp_path: Path) -> None:
     cfg = tiny_config(dataset, max_steps=3, warmup_steps=1, checkpoint_every=2)
     first = run_pretrain(cfg, tmp_path)
-    again = run_pretrain(cfg, tmp_path, resume=False)
+    again = run_pretrain(cfg, tmp_path, overwrite=True)
     assert again["resumed_from"] is None and again["train_loss"] == first["train_loss"]
     records = read_log(tmp_path / "pretrain" / "log.jsonl")
     assert [r["kind"] for r in records].count("start") == 1
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
+
+
+def test_a_run_starts_by_removing_dead_writers_temporary_files(dataset: Path,
+                                                               tmp_path: Path) -> None:
+    """A write killed mid-way (here: of the stage's manifest) leaves a temporary file; the
+    next run of the stage removes it, and keeps a live writer's."""
+    cfg = tiny_config(dataset, max_steps=1, warmup_steps=1)
+    (tmp_path / "pretrain").mkdir()
+    dead = dead_writer_temp(tmp_path / "pretrain" / "manifest.json")
+    live = temp_path_for(tmp_path / "pretrain" / "log.jsonl")  # this process is alive
+    run_pretrain(cfg, tmp_path)
+    assert not dead.exists() and live.exists()
 
 
 def test_corrupt_shard_fails_before_training(dataset: Path, tmp_path: Path) -> None:
@@ -488,3 +517,15 @@ def test_torchrun_matches_one_process(dataset: Path, tmp_path: Path) -> None:
     assert CheckpointManager(ddp / "pretrain" / "checkpoints").latest().name == "ckpt-000016.pt"
     state = load_checkpoint(ddp / "pretrain" / "checkpoints" / "ckpt-000016.pt")
     assert len(state["rng"]) == 2  # every rank's RNG state
+
+
+def test_pretrain_without_a_dataset_says_to_run_forge_prepare(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    result = subprocess.run(
+        [sys.executable, "-m", "cli.main", "pretrain", "--config", "configs/demo.yaml",
+         "--workdir", str(work)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert f"no token dataset at {work / 'tokenize' / 'dataset.zarr'}" in result.stderr
+    assert "run `forge prepare --config" in result.stderr
+    assert "Traceback" not in result.stderr
