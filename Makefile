@@ -36,6 +36,7 @@ bench: setup
 	$(VENV)/bin/pip install -q -e '.[dev,bench]' $(PIP_QUIET)
 	$(VENV)/bin/python bench/tokenize_throughput.py
 	$(VENV)/bin/python bench/prepare_throughput.py
+	$(VENV)/bin/python bench/extract_compare.py
 
 bench-smoke: setup
 	$(VENV)/bin/pip install -q -e '.[dev,bench]' $(PIP_QUIET)

@@ -1,10 +1,12 @@
-"""`prepare` end to end on the whole demo corpus: wall time by stage and MB/s per worker.
+"""`prepare` end to end on the whole demo corpus: wall time by stage and MB/s per core.
 
 Runs the stages `forge prepare` runs (download, the enabled document stages, tokenize),
 through the same functions the command calls, with the sources of configs/demo.yaml, a
-fresh work folder in a temporary directory for every repetition and `--workers` processes.
-Reports each stage's wall time and share, the MB/s of extracted text per worker over the
-whole run, and the extraction time per source (from <workdir>/extract/units/*.json).
+fresh work folder in a temporary directory for every repetition and `--workers` processes,
+once per HTML extractor (`extract.html_extractor`, `--extractors`), the sides interleaved.
+Reports, per extractor, each stage's wall time and share, the MB/s of extracted text per core
+(per worker) over the whole run, and the extraction time per source (from
+<workdir>/extract/units/*.json).
 Run: .venv/bin/python bench/prepare_throughput.py  ->  bench/results/prepare_throughput.json
 """
 
@@ -19,7 +21,7 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from common import REPO, RESULTS, machine_info, measure, median, print_table, write_json
+from common import REPO, RESULTS, machine_info, measure, median, print_table, rotated, write_json
 
 # Heavy imports (pipeline) stay inside functions: the stages' spawned workers re-import
 # this script, and must not pay for what only the parent needs.
@@ -34,9 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run config whose sources are prepared (its paths are relative to the repo)",
     )
     parser.add_argument("--workers", type=int, default=2, help="worker processes")
-    parser.add_argument("--repeats", type=int, default=3, help="end-to-end runs (median)")
+    parser.add_argument("--repeats", type=int, default=1, help="end-to-end runs per side (median)")
+    parser.add_argument("--extractors", default="trafilatura,resiliparse",
+                        help="the sides: comma-separated extract.html_extractor values")
+    parser.add_argument("--goal", type=float, default=2.0, help="MB of text per s per core")
     parser.add_argument("--out", type=Path, default=RESULTS / "prepare_throughput.json")
-    parser.add_argument("--keep", action="store_true", help="keep the last work folder")
+    parser.add_argument("--keep", action="store_true", help="keep each side's last work folder")
     return parser.parse_args(argv)
 
 
@@ -146,63 +151,91 @@ def print_report(title: str, stages: dict, total: float, by_source: dict) -> Non
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_side(args: argparse.Namespace, extractor: str) -> tuple[dict, dict, dict]:
+    """One end-to-end `prepare` in a fresh work folder: (timings, manifests, by source)."""
     from configs.run import data_config, load_run_config
 
-    args.config = args.config.resolve()
-    os.chdir(REPO)  # the demo config's paths (../shared/data/...) are relative to the repo root
-    packages = ["forge", "tiktoken", "trafilatura", "datatrove", "numpy", "zarr", "warcio"]
-    machine = machine_info(packages + ["zstandard"])
-    runs: list[dict] = []
-    for rep in range(args.repeats):
-        tmp = Path(tempfile.mkdtemp(prefix="forge-bench-prepare-"))
-        cfg = data_config(load_run_config(
-            args.config, {"workdir": str(tmp / "work"), "workers": args.workers}))
-        try:
-            timings, manifests = run_prepare(cfg)
-            by_source = extraction_by_source(Path(cfg.workdir))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        runs.append(timings)
-        walls = ", ".join(f"{k} {t['wall_s']:.2f}" for k, t in timings.items())
-        total = sum(t["wall_s"] for t in timings.values())
-        print(f"  rep {rep + 1}/{args.repeats}: {walls}; total {total:.2f} s", flush=True)
-        if args.keep and rep == args.repeats - 1:
+    tmp = Path(tempfile.mkdtemp(prefix=f"forge-bench-prepare-{extractor}-"))
+    overrides = {"workdir": str(tmp / "work"), "workers": args.workers}
+    cfg = data_config(load_run_config(args.config, overrides))
+    cfg.data.extract.html_extractor = extractor
+    try:
+        timings, manifests = run_prepare(cfg)
+        by_source = extraction_by_source(Path(cfg.workdir))
+    finally:
+        if args.keep:
             print(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+    return timings, manifests, by_source
 
-    stages = summarize_stages(runs, manifests)
+
+def summarize_side(runs: list[dict], manifests: dict, workers: int, goal: float) -> dict:
     total = median(sum(t["wall_s"] for t in r.values()) for r in runs)
-    input_bytes = manifests["download"]["bytes_out"]
+    cpu = median(sum(t["cpu_s"] for t in r.values()) for r in runs)
     text_bytes = manifests["extract"]["bytes_out"]
     tokens = sum(s["tokens"] for s in manifests["tokenize"]["splits"].values())
-    cpu = median(sum(t["cpu_s"] for t in r.values()) for r in runs)
-    throughput = {
+    per_core = text_bytes / 1e6 / total / workers
+    return {
         "median_total_wall_s": round(total, 3),
         "median_total_cpu_s": round(cpu, 3),
+        "text_bytes": text_bytes,
+        "tokens": tokens,
         # per CPU second: what a core does when it is not shared (the wall figure is not)
         "text_mb_per_cpu_s": round(text_bytes / 1e6 / cpu, 3),
         "text_mb_per_s": round(text_bytes / 1e6 / total, 3),
-        "text_mb_per_s_per_worker": round(text_bytes / 1e6 / total / args.workers, 3),
-        "input_file_mb_per_s": round(input_bytes / 1e6 / total, 3),
+        "text_mb_per_s_per_core": round(per_core, 3),
+        "goal_mb_per_s_per_core": goal,
+        "goal_met": per_core >= goal,
+        "input_file_mb_per_s": round(manifests["download"]["bytes_out"] / 1e6 / total, 3),
         "tokens_per_s": round(tokens / total),
     }
 
-    title = (
-        f"prepare, {args.config.name}: {input_bytes / 1e6:.1f} MB of input files, "
-        f"{text_bytes / 1e6:.1f} MB of extracted text, {tokens:,} tokens; "
-        f"workers={args.workers}, median of {args.repeats}"
-    )
-    print_report(title, stages, total, by_source)
-    print(
-        f"\nthroughput: {throughput['text_mb_per_s']:.2f} MB/s of extracted text, "
-        f"{throughput['text_mb_per_s_per_worker']:.2f} MB/s per worker ({args.workers} workers), "
-        f"{throughput['tokens_per_s'] / 1e6:.2f} M tokens/s; "
-        f"{throughput['text_mb_per_cpu_s']:.2f} MB of text per CPU second"
-    )
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.config = args.config.resolve()
+    os.chdir(REPO)  # the demo config's paths (../shared/data/...) are relative to the repo root
+    extractors = [e.strip() for e in args.extractors.split(",") if e.strip()]
+    packages = ["forge", "tiktoken", "resiliparse", "trafilatura", "datatrove", "numpy", "zarr"]
+    machine = machine_info(packages + ["warcio", "zstandard"])
+    runs: dict[str, list[dict]] = {e: [] for e in extractors}
+    manifests: dict[str, dict] = {}
+    by_source: dict[str, dict] = {}
+    for rep in range(args.repeats):
+        for extractor in rotated(extractors, rep):
+            timings, manifests[extractor], by_source[extractor] = run_side(args, extractor)
+            runs[extractor].append(timings)
+            walls = ", ".join(f"{k} {t['wall_s']:.2f}" for k, t in timings.items())
+            total = sum(t["wall_s"] for t in timings.values())
+            print(f"  rep {rep + 1}/{args.repeats} {extractor}: {walls}; total {total:.2f} s",
+                  flush=True)
+
+    sides = {}
+    for e in extractors:
+        stages = summarize_stages(runs[e], manifests[e])
+        throughput = summarize_side(runs[e], manifests[e], args.workers, args.goal)
+        sides[e] = {"runs": runs[e], "stages": stages, "throughput": throughput,
+                    "extraction_by_source": by_source[e]}
+        m = manifests[e]
+        title = (
+            f"prepare with html_extractor={e}, {args.config.name}: "
+            f"{m['download']['bytes_out'] / 1e6:.1f} MB of input files, "
+            f"{throughput['text_bytes'] / 1e6:.1f} MB of extracted text, "
+            f"{throughput['tokens']:,} tokens; workers={args.workers}, median of {args.repeats}"
+        )
+        print_report(title, stages, throughput["median_total_wall_s"], by_source[e])
+
+    rows = [[e, f"{t['median_total_wall_s']:.1f}", f"{t['median_total_cpu_s']:.1f}",
+             f"{t['text_bytes'] / 1e6:.1f}", f"{t['text_mb_per_s']:.2f}",
+             f"{t['text_mb_per_s_per_core']:.2f}", f"{t['text_mb_per_cpu_s']:.2f}",
+             f"{sides[e]['stages']['extract']['share_of_wall']:.0%}",
+             "yes" if t["goal_met"] else "NO"]
+            for e, t in ((e, sides[e]["throughput"]) for e in extractors)]
+    header = ["extractor", "wall s", "cpu s", "MB text", "MB/s", "MB/s/core", "MB/cpu s",
+              "extract share", f">= {args.goal} MB/s/core"]
+    print_table(f"prepare side by side (workers={args.workers}; busy shared machine)", header,
+                rows)
 
     write_json(
         args.out,
@@ -213,18 +246,14 @@ def main(argv: list[str] | None = None) -> int:
             "inputs": {
                 "config": str(args.config),
                 "config_text": args.config.read_text(),
-                "stages": list(manifests),
+                "stages": list(next(iter(manifests.values()))),
                 "workers": args.workers,
                 "repeats": args.repeats,
-                "input_files": manifests["download"]["docs_out"],
-                "input_file_bytes": input_bytes,
-                "text_bytes": text_bytes,
-                "tokens": tokens,
+                "extractors": extractors,
+                "input_files": next(iter(manifests.values()))["download"]["docs_out"],
+                "input_file_bytes": next(iter(manifests.values()))["download"]["bytes_out"],
             },
-            "runs": runs,
-            "stages": stages,
-            "throughput": throughput,
-            "extraction_by_source": by_source,
+            "sides": sides,
         },
     )
     return 0

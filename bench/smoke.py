@@ -22,6 +22,7 @@ from common import DATA, REPO, print_table
 SMOKE: dict[str, list[str]] = {
     "tokenize_throughput.py": ["--repeats", "1", "--sides", "forge,tiktoken"],
     "prepare_throughput.py": ["--config", "{config}", "--repeats", "1"],
+    "extract_compare.py": ["--sources", "web-html,warc"],
     "prefect_overhead.py": ["--config", "{config}", "--repeats", "1"],
     "filter_throughput.py": ["--extract", "{extract}", "--mb-per-source", "0.1",
                              "--repeats", "1"],

@@ -123,12 +123,17 @@ def prepare_documents(cfg) -> dict:
 
 
 def run_forge(cfg, phases: dict[str, float]) -> dict:
-    """The real stage from a fresh tokenize folder; `phases` gets each Stage.run_units' wall."""
+    """The real stage (in a fresh tokenize folder: see `clear_forge`); `phases` gets each
+    Stage.run_units' wall."""
     from pipeline.tokenize import run_tokenize
 
-    shutil.rmtree(Path(cfg.workdir) / "tokenize", ignore_errors=True)
     phases.clear()
     return run_tokenize(cfg)
+
+
+def clear_forge(cfg) -> None:
+    """Remove the previous repetition's tokenize folder (untimed: the stage does not do it)."""
+    shutil.rmtree(Path(cfg.workdir) / "tokenize", ignore_errors=True)
 
 
 def instrument_run_units(phases: dict[str, float]) -> None:
@@ -400,6 +405,8 @@ def run(args: argparse.Namespace, sides: list[str], skipped: dict, tmp: Path, ma
     problems: list[str] = []
     for rep in range(args.repeats):
         for side in rotated(sides, rep):
+            if side == "forge":
+                clear_forge(cfg)
             timing, out = measure(runners[side])
             if side == "forge":
                 count = sum(s["tokens"] for s in out["splits"].values())

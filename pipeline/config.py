@@ -68,7 +68,17 @@ class DownloadConfig(Strict):
     )
 
 
+HtmlExtractor = Literal["resiliparse", "trafilatura"]
+DEFAULT_HTML_EXTRACTOR: HtmlExtractor = "resiliparse"
+
+
 class ExtractConfig(Strict):
+    html_extractor: HtmlExtractor = Field(
+        default=DEFAULT_HTML_EXTRACTOR,
+        description="HTML (and WARC response) to text: resiliparse's main-content extraction "
+        "(what DCLM used; as good as trafilatura's on the demo's HTML and ~10x faster, see "
+        "bench/extract_compare.py), or trafilatura.",
+    )
     strip_gutenberg: bool = Field(
         default=True, description="Cut Project Gutenberg licence boilerplate (START/END markers, "
         "the old-style 'End of the Project Gutenberg EBook' line) and opening producer credits."

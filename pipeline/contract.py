@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -91,11 +91,14 @@ class Stage:
         workers: int,
         progress: ProgressFn | None = None,
         executor: ExecutorConfig | None = None,
+        threads: bool = False,
     ) -> dict[str, dict]:
         """Run every unit without a record; return all records by unit id, in unit order.
 
-        Locally the units run in `workers` processes; with a Ray or Slurm `executor` they run
-        as datatrove tasks on the cluster. Either way each unit commits its own record.
+        Locally the units run in `workers` processes, or `workers` threads of this process with
+        `threads` (for work that releases the GIL: no process start-up, state set up once);
+        with a Ray or Slurm `executor` they run as datatrove tasks on the cluster. Either way
+        each unit commits its own record.
         """
         ids = [u.id for u in units]
         if len(set(ids)) != len(ids):
@@ -111,7 +114,7 @@ class Stage:
         failures: list[str] = []
         jobs = [(u, str(self.record_path(u.id))) for u in pending]
         if executor is None or executor.kind == "local" or not jobs:
-            finished = _execute_locally(fn, jobs, workers, failures)
+            finished = _execute_locally(fn, jobs, workers, failures, threads)
         else:
             from pipeline.executors import execute_distributed
 
@@ -209,7 +212,7 @@ def _exit_when_orphaned(parent: int) -> None:
 
 
 def _execute_locally(fn: UnitFn, jobs: list[tuple[Unit, str]], workers: int,
-                     failures: list[str]) -> Iterable[dict]:
+                     failures: list[str], threads: bool = False) -> Iterable[dict]:
     """Yield each unit's record as it is committed; a failing unit is reported, not fatal."""
     if workers <= 1 or len(jobs) <= 1:
         for unit, record in jobs:
@@ -218,12 +221,17 @@ def _execute_locally(fn: UnitFn, jobs: list[tuple[Unit, str]], workers: int,
             except Exception as e:  # noqa: BLE001 - reported and retried on rerun
                 _report_failure(unit, e, failures)
         return
-    # spawn, not fork: the parent may hold threads (progress bar, Prefect) that fork would copy
-    context = get_context("spawn")
-    logs = context.Queue()  # the workers' log records, handled here, in the caller's thread
-    level = logging.getLogger("pipeline").getEffectiveLevel()
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
-                             initargs=(os.getpid(), logs, level)) as pool:
+    logs: Queue | None = None  # threads log through this process's handlers directly
+    if threads:
+        pool = ThreadPoolExecutor(max_workers=workers)
+    else:
+        # spawn, not fork: the parent may hold threads (progress bar, Prefect) that fork copies
+        context = get_context("spawn")
+        logs = context.Queue()  # the workers' log records, handled here, in the caller's thread
+        level = logging.getLogger("pipeline").getEffectiveLevel()
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                                   initializer=_init_worker, initargs=(os.getpid(), logs, level))
+    with pool:
         queue = iter(jobs)
         running = {}
         for unit, record in queue:
@@ -257,10 +265,10 @@ def _init_worker(parent: int, logs: Queue, level: int) -> None:
     logging.getLogger("pipeline").setLevel(level)
 
 
-def _relay_logs(logs: Queue) -> None:
+def _relay_logs(logs: Queue | None) -> None:
     """Handle the workers' records as this process's own: on the terminal, and in the Prefect
     run's logs (its handler needs the run's context, which only the caller's thread has)."""
-    while True:
+    while logs is not None:
         try:
             record = logs.get_nowait()
         except Empty:

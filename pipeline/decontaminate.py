@@ -9,6 +9,7 @@ instruction split marks a document. It is dropped (counted per evaluation set) o
 from __future__ import annotations
 
 import bz2
+import functools
 import gzip
 import hashlib
 import json
@@ -37,7 +38,7 @@ def _word_hashes(words: list[str]) -> np.ndarray:
     digests = b"".join(hashlib.blake2b(w.lower().encode(), digest_size=8).digest()
                        for w in vocabulary)
     table = dict(zip(vocabulary, np.frombuffer(digests, dtype="<u8").tolist(), strict=True))
-    return np.fromiter((table[w] for w in words), dtype=np.uint64, count=len(words))
+    return np.fromiter(map(table.__getitem__, words), dtype=np.uint64, count=len(words))
 
 
 def ngram_hashes(text: str, n: int) -> np.ndarray:
@@ -116,10 +117,18 @@ class NgramIndex:
         return result
 
 
+@functools.lru_cache(maxsize=1)
+def load_index(folder: str, stamp: tuple[int, int]) -> NgramIndex:
+    """The stage's index, read and set up once per worker process, not once per unit
+    (`stamp`, the table file's inode and mtime, tells a rebuilt index from the cached one)."""
+    return NgramIndex(np.load(Path(folder) / "table.npy"), np.load(Path(folder) / "labels.npy"))
+
+
 def decontaminate_unit(payload: dict) -> UnitResult:
     cfg = DecontaminateConfig.model_validate(payload["config"])
-    folder = Path(payload["index_dir"])
-    index = NgramIndex(np.load(folder / "table.npy"), np.load(folder / "labels.npy"))
+    folder = payload["index_dir"]
+    table = (Path(folder) / "table.npy").stat()
+    index = load_index(folder, (table.st_ino, table.st_mtime_ns))
     names = [spec.name for spec in cfg.eval_sets]
     writer = PartWriter(Path(payload["dest"]))
     for doc in read_part(payload["docs_file"]):

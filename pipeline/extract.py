@@ -1,8 +1,8 @@
 """extract: downloaded files to documents of one schema (id, text, source, url, meta).
 
-HTML and WARC responses go through trafilatura, Gutenberg licence boilerplate is cut,
-text is NFC with Unix line endings. One unit is one file, or a slice of an archive's
-members so that a large archive spreads over the workers.
+HTML and WARC responses go through resiliparse (or trafilatura: `extract.html_extractor`),
+Gutenberg licence boilerplate is cut, text is NFC with Unix line endings. One unit is one
+file, or a slice of an archive's members so that a large archive spreads over the workers.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def extract_unit(payload: dict) -> UnitResult:
     members = tuple(payload["members"]) if payload["members"] else None
     writer = PartWriter(Path(payload["dest"]), bytes_in=payload["bytes_in"])
     for item in read_file(payload["path"], int(cfg.max_doc_mb * 1e6), payload["text_field"],
-                          members):
+                          members, cfg.html_extractor):
         if isinstance(item, Doc):
             text = normalize_text(item.text)
             if cfg.strip_gutenberg:

@@ -85,15 +85,23 @@ def remove_stale_temps(folder: Path) -> int:
 
 def commit(tmp: Path, final: Path) -> None:
     """fsync `tmp` (a file, or a folder and everything in it) and rename it over `final`."""
-    paths = sorted(tmp.rglob("*"), reverse=True) + [tmp] if tmp.is_dir() else [tmp]
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
+    commit_all([(tmp, final)])
+
+
+def commit_all(pairs: list[tuple[Path, Path]]) -> None:
+    """`commit` each (tmp, final) pair, fsyncing each destination folder once, not per file."""
+    for tmp, _ in pairs:
+        paths = sorted(tmp.rglob("*"), reverse=True) + [tmp] if tmp.is_dir() else [tmp]
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for tmp, final in pairs:
+        os.replace(tmp, final)
+    for folder in dict.fromkeys(final.parent for _, final in pairs):
+        fsync_dir(folder)
 
 
 def atomic_write(final: Path, write: Callable[[Path], Any]) -> None:

@@ -22,6 +22,7 @@ from typing import IO
 
 import zstandard
 
+from pipeline.config import DEFAULT_HTML_EXTRACTOR, HtmlExtractor
 from pipeline.documents import Drop
 
 COMPRESSIONS = (".gz", ".zst", ".bz2", ".xz")
@@ -110,22 +111,25 @@ def normalize_text(text: str) -> str:
 
 
 def read_file(path: str, max_bytes: int, text_field: str = "text",
-              members: tuple[int, int] | None = None) -> Iterator[Doc | Drop]:
+              members: tuple[int, int] | None = None,
+              html_extractor: HtmlExtractor = DEFAULT_HTML_EXTRACTOR) -> Iterator[Doc | Drop]:
     """Every candidate document in `path`; `members` restricts an archive to a slice."""
     fmt, compression = file_format(path)
     name = PurePosixPath(path).name
     try:
         with open(path, "rb") as raw:
             if fmt in ("zip", "tar"):
-                yield from _read_archive(raw, fmt, path, max_bytes, text_field, members)
+                yield from _read_archive(raw, fmt, path, max_bytes, text_field, members,
+                                         html_extractor)
             else:
-                yield from read_stream(raw, name, fmt, compression, max_bytes, text_field)
+                yield from read_stream(raw, name, fmt, compression, max_bytes, text_field,
+                                       html_extractor)
     except OSError as e:
         yield Drop("unreadable_file", str(e), name=name)
 
 
 def read_stream(raw: IO[bytes], name: str, fmt: str, compression: str | None, max_bytes: int,
-                text_field: str) -> Iterator[Doc | Drop]:
+                text_field: str, html_extractor: HtmlExtractor) -> Iterator[Doc | Drop]:
     if fmt == "unknown":
         yield Drop("unsupported_format", name=name)
         return
@@ -133,7 +137,7 @@ def read_stream(raw: IO[bytes], name: str, fmt: str, compression: str | None, ma
     if fmt == "jsonl":
         yield from _read_jsonl(stream, name, max_bytes, text_field)
     elif fmt == "warc":
-        yield from _read_warc(stream, name, max_bytes)
+        yield from _read_warc(stream, name, max_bytes, html_extractor)
     elif fmt == "parquet":
         yield from _read_parquet(stream, name, max_bytes, text_field)
     else:
@@ -147,18 +151,39 @@ def read_stream(raw: IO[bytes], name: str, fmt: str, compression: str | None, ma
             return
         doc = decode_text(data, name, max_bytes)
         if isinstance(doc, Doc) and fmt == "html":
-            doc = html_to_text(data, name)
+            doc = html_to_text(data, name, extractor=html_extractor)
         yield doc
 
 
-def html_to_text(html: bytes, name: str, url: str | None = None) -> Doc | Drop:
-    import trafilatura
-
-    text = trafilatura.extract(html, url=url, include_comments=False, include_tables=True,
-                               deduplicate=False, favor_precision=False)
+def html_to_text(html: bytes, name: str, url: str | None = None,
+                 extractor: HtmlExtractor = DEFAULT_HTML_EXTRACTOR) -> Doc | Drop:
+    """The main text of an HTML page, navigation and other boilerplate left out."""
+    try:
+        text = HTML_EXTRACTORS[extractor](html, url)
+    except Exception as e:  # noqa: BLE001 - a page the parser rejects is one counted drop
+        return Drop("unparsable_html", f"{type(e).__name__}: {e}"[:200], name=name)
     if not text:
         return Drop("no_extractable_text", name=name)
     return Doc(name, text, url=url)
+
+
+def resiliparse_text(html: bytes, url: str | None = None) -> str:
+    """resiliparse's main-content heuristics (DCLM's setting); the charset is detected."""
+    from resiliparse.extract.html2text import extract_plain_text
+    from resiliparse.parse.encoding import bytes_to_str, detect_encoding
+
+    return extract_plain_text(bytes_to_str(html, detect_encoding(html)), main_content=True,
+                              alt_texts=False)
+
+
+def trafilatura_text(html: bytes, url: str | None = None) -> str:
+    import trafilatura
+
+    return trafilatura.extract(html, url=url, include_comments=False, include_tables=True,
+                               deduplicate=False, favor_precision=False) or ""
+
+
+HTML_EXTRACTORS = {"resiliparse": resiliparse_text, "trafilatura": trafilatura_text}
 
 
 def _read_jsonl(stream: IO[bytes], name: str, max_bytes: int,
@@ -222,8 +247,9 @@ def _read_parquet(stream: IO[bytes], name: str, max_bytes: int,
         yield Drop("corrupt_parquet", str(e)[:200], name=name)
 
 
-def _read_warc(stream: IO[bytes], name: str, max_bytes: int) -> Iterator[Doc | Drop]:
-    """HTML responses through trafilatura; WET conversion records as text; the rest skipped."""
+def _read_warc(stream: IO[bytes], name: str, max_bytes: int,
+               html_extractor: HtmlExtractor) -> Iterator[Doc | Drop]:
+    """HTML responses through the HTML extractor; WET conversions as text; the rest skipped."""
     from warcio.archiveiterator import ArchiveIterator
     from warcio.recordloader import ArchiveLoadFailed, StatusAndHeadersParserException
 
@@ -256,7 +282,7 @@ def _read_warc(stream: IO[bytes], name: str, max_bytes: int) -> Iterator[Doc | D
             elif not data.strip():
                 yield Drop("empty", name=rec_name)
             else:
-                yield html_to_text(data, rec_name, url)
+                yield html_to_text(data, rec_name, url, html_extractor)
     except (ArchiveLoadFailed, StatusAndHeadersParserException) as e:  # warcio's own words
         yield Drop("corrupt_warc_record", str(e)[:200], name=f"{name}#{number + 1}")
     except Exception as e:  # noqa: BLE001 - warcio trips on headers it did not expect
@@ -307,7 +333,8 @@ class _ClosingTar:
 
 
 def _read_archive(raw: IO[bytes], fmt: str, path: str, max_bytes: int, text_field: str,
-                  members: tuple[int, int] | None) -> Iterator[Doc | Drop]:
+                  members: tuple[int, int] | None,
+                  html_extractor: HtmlExtractor) -> Iterator[Doc | Drop]:
     """Members of a zip or tar, each read as its own file; never written to disk."""
     start, stop = members or (0, 1 << 62)
     archive_name = PurePosixPath(path).name
@@ -332,7 +359,7 @@ def _read_archive(raw: IO[bytes], fmt: str, path: str, max_bytes: int, text_fiel
                 yield Drop("corrupt_compression", str(e)[:200], name=name)
                 continue
             yield from read_stream(io.BytesIO(data), name, member_fmt, compression, max_bytes,
-                                   text_field)
+                                   text_field, html_extractor)
     except CORRUPT_STREAM as e:
         yield Drop("truncated_archive", str(e)[:200], name=f"{archive_name}#{index + 1}")
 

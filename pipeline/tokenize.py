@@ -1,7 +1,9 @@
 """tokenize: documents to GPT-2 token shards (see pipeline/shards.py for the format).
 
-Two kinds of units. First each extracted part is tokenized in a worker (tiktoken, EOT
-after every document) into a .npy of tokens and a table of its documents. Then the
+Two kinds of units. First each extracted part is tokenized (tiktoken, EOT after every
+document) into a .npy of tokens and a table of its documents, in threads of this process:
+tiktoken's encoder releases the GIL, so threads save the start-up of worker processes and
+their copies of the encoder. Then the
 documents are packed, in order, into shards that close at a document boundary once
 they reach `shard_tokens`; each shard is a unit too. Which document goes to val depends
 only on the seed and its id, so the result does not depend on the number of workers.
@@ -20,7 +22,7 @@ from pipeline.contract import ProgressFn, Stage, StageError, Unit, UnitResult, r
 from pipeline.documents import read_part
 from pipeline.download import source_name
 from pipeline.encoding import EOT_ID, VOCAB_SIZE, get_encoding
-from pipeline.files import WorkFolder, commit, config_hash, temp_path_for
+from pipeline.files import WorkFolder, commit_all, config_hash, temp_path_for
 from pipeline.registry import input_manifest
 from pipeline.shards import (
     FORMAT,
@@ -34,7 +36,6 @@ from pipeline.shards import write_shard as write_shard_arrays
 
 DOC_TABLE = np.dtype([("tokens", "<u4"), ("bytes", "<u8"), ("source", "<u2"), ("val", "u1"),
                       ("rank", "<f8")])
-ENCODE_BATCH = 256
 
 
 def split_rank(seed: int, doc_id: str) -> float:
@@ -49,37 +50,30 @@ def tokenize_unit(payload: dict) -> UnitResult:
     sources: list[str] = []
     table, pieces = [], []
     result = UnitResult()
-
-    def flush(batch: list[dict]) -> None:
-        # one thread: the stage's parallelism is its worker processes
-        encoded = encoding.encode_ordinary_batch([d["text"] for d in batch], num_threads=1)
-        for doc, ids in zip(batch, encoded, strict=True):
-            ids.append(EOT_ID)
-            pieces.append(np.asarray(ids, dtype=np.uint16))
-            if doc["source"] not in sources:
-                sources.append(doc["source"])
-            rank = split_rank(cfg.seed, doc["id"])
-            text_bytes = len(doc["text"].encode())
-            table.append((len(ids), text_bytes, sources.index(doc["source"]),
-                          rank < cfg.val_fraction, rank))
-            result.keep()
-            result.bytes_in += text_bytes
-
-    batch: list[dict] = []
+    eot = np.array([EOT_ID], dtype=np.uint16)
     for doc in read_part(payload["docs_file"]):
-        batch.append(doc)
-        if len(batch) == ENCODE_BATCH:
-            flush(batch)
-            batch = []
-    flush(batch)
+        # encode_ordinary's tokens (no special token is allowed, none refused), as a numpy
+        # buffer rather than a list of Python ints, encoded with the GIL released
+        ids = encoding.encode_to_numpy(doc["text"], disallowed_special=())
+        pieces += [ids.astype(np.uint16), eot]
+        if doc["source"] not in sources:
+            sources.append(doc["source"])
+        rank = split_rank(cfg.seed, doc["id"])
+        text_bytes = len(doc["text"].encode())
+        table.append((ids.size + 1, text_bytes, sources.index(doc["source"]),
+                      rank < cfg.val_fraction, rank))
+        result.keep()
+        result.bytes_in += text_bytes
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint16)
     docs = np.array(table, dtype=DOC_TABLE)
+    written = []
     for data, suffix in ((tokens, "tokens.npy"), (docs, "docs.npy")):
         final = Path(payload["dest_prefix"] + suffix)
         tmp = temp_path_for(final)
         with open(tmp, "wb") as out:
             np.save(out, data)
-        commit(tmp, final)
+        written.append((tmp, final))
+    commit_all(written)
     result.bytes_out = int(tokens.nbytes)
     result.outputs = {"tokens": int(tokens.size), "sources": sources,
                       "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest()}
@@ -203,7 +197,7 @@ def run_tokenize(cfg: ForgeConfig, progress: ProgressFn | None = None,
             for part in upstream["parts"]
         ]
         records = stage.run_units(units, tokenize_unit, cfg.workers, progress,
-                                  executor=cfg.executor)
+                                  executor=cfg.executor, threads=True)
         loaded = [(u.id, np.load(units_dir / f"{u.id}.docs.npy"),
                    records[u.id]["outputs"]["sources"]) for u in units]
         check_mix(tcfg, {s for _, _, sources in loaded for s in sources})
@@ -224,8 +218,8 @@ def run_tokenize(cfg: ForgeConfig, progress: ProgressFn | None = None,
                                                  "dataset": str(dataset),
                                                  "staging": str(staging)})
              for p in plans],
-            # locally in this process: writing is memcpy and sha256, not worth another pool
-            write_shard, 1, progress, executor=cfg.executor,
+            # threads: sha256, file writes and fsyncs release the GIL
+            write_shard, cfg.workers, progress, executor=cfg.executor, threads=True,
         )
         shards = [r["outputs"]["shard"] for r in shard_records.values()]
         attributes = dataset_attributes(shards, stage.config_hash, source_tokens={

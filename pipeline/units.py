@@ -67,6 +67,7 @@ def run_and_record(fn: UnitFn, unit: Unit, record: str) -> dict:
     result = fn(unit.payload).to_json()
     result["seconds"] = round(time.perf_counter() - start, 4)
     # Crash tests widen the window between a unit's outputs and its record with this.
-    time.sleep(float(os.environ.get("FORGE_TEST_UNIT_DELAY", "0")))
+    if delay := float(os.environ.get("FORGE_TEST_UNIT_DELAY", "0")):
+        time.sleep(delay)
     atomic_write_json(Path(record), result)
     return result

@@ -112,7 +112,7 @@ def books() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def editions() -> dict[str, str]:
-    """The six Gutenberg HTML editions, through trafilatura as the extract stage does."""
+    """The six Gutenberg HTML editions, extracted as the extract stage does."""
     return {b: extracted(DATA / "html" / f"{b}-h.htm.gz") for b in EDITIONS}
 
 

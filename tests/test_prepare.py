@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import yaml
 import zarr
-from conftest import forge, small_config, write_config
+from conftest import VOCAB, forge, small_config, write_config
 
+from pipeline.config import TokenizeConfig
+from pipeline.contract import Stage
 from pipeline.documents import iter_documents
 from pipeline.encoding import EOT_ID, get_encoding
 from pipeline.shards import TokenDataset, chunk_file
+from pipeline.tokenize import tokenize_unit
+from pipeline.units import Unit, UnitResult
 
 
 def decoded_documents(dataset: TokenDataset, split: str) -> list[str]:
@@ -155,6 +160,37 @@ def test_a_config_typo_fails_before_any_work_naming_the_field(tmp_path: Path) ->
     assert "'workers'" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "work").exists()
+
+
+def _unit_reporting_its_process(payload: dict) -> UnitResult:
+    result = UnitResult()
+    result.keep()
+    result.outputs = {"pid": os.getpid(), "n": payload["n"]}
+    return result
+
+
+def test_units_in_threads_run_in_this_process_and_each_is_recorded(tmp_path: Path) -> None:
+    stage = Stage("threaded", tmp_path, "hash")
+    units = [Unit(f"u{i}", {"n": i}) for i in range(6)]
+    records = stage.run_units(units, _unit_reporting_its_process, 2, threads=True)
+    assert [r["outputs"]["n"] for r in records.values()] == list(range(6))
+    assert {r["outputs"]["pid"] for r in records.values()} == {os.getpid()}
+    assert sorted(p.stem for p in (tmp_path / "units").glob("*.json")) == [u.id for u in units]
+
+
+def test_tokenize_unit_encodes_special_token_text_as_ordinary_text(tmp_path: Path) -> None:
+    """A document quoting `<|endoftext|>` is text: encode_ordinary's tokens, one real EOT."""
+    texts = ["A quoted <|endoftext|> marker.", "café\r\n naïve  text"]
+    part = tmp_path / "part.jsonl"
+    part.write_text("".join(json.dumps({"id": f"d{i}", "text": t, "source": "s"}) + "\n"
+                            for i, t in enumerate(texts)))
+    result = tokenize_unit({"docs_file": str(part), "dest_prefix": str(tmp_path / "u."),
+                            "tokenize": TokenizeConfig(vocab_dir=str(VOCAB)).model_dump()})
+    encoding = get_encoding(str(VOCAB))
+    expected = [t for text in texts for t in encoding.encode_ordinary(text) + [EOT_ID]]
+    assert np.load(tmp_path / "u.tokens.npy").tolist() == expected
+    assert np.load(tmp_path / "u.docs.npy")["tokens"].sum() == len(expected)
+    assert result.docs_out == 2
 
 
 def test_an_unnamed_folder_of_books_gets_the_books_preset_whatever_its_name(

@@ -14,8 +14,17 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import DATA
 
+from pipeline.config import ConfigError, ExtractConfig, validate_config
 from pipeline.extract import strip_gutenberg
-from pipeline.readers import Doc, Drop, file_format, list_members, normalize_text, read_file
+from pipeline.readers import (
+    Doc,
+    Drop,
+    file_format,
+    html_to_text,
+    list_members,
+    normalize_text,
+    read_file,
+)
 
 MAX = 1_000_000
 
@@ -271,6 +280,50 @@ def test_archive_member_slices_partition_the_members(tmp_path: Path) -> None:
     ]
 
 
-def test_real_html_page_is_extracted_by_trafilatura() -> None:
-    docs, drops = read_all(DATA / "html" / "pg11-h.htm.gz")
+@pytest.mark.parametrize("extractor", ["resiliparse", "trafilatura"])
+def test_real_html_page_is_extracted(extractor: str) -> None:
+    docs, drops = read_all(DATA / "html" / "pg11-h.htm.gz", html_extractor=extractor)
     assert drops == [] and "Alice" in docs[0].text and "<p>" not in docs[0].text
+
+
+def python_docs_page(member: str) -> bytes:
+    import zstandard
+
+    with open(DATA / "html" / "python3.11-doc-html.tar.zst", "rb") as raw, \
+            tarfile.open(fileobj=zstandard.ZstdDecompressor().stream_reader(raw), mode="r|") as tar:
+        for entry in tar:
+            if entry.name == member:
+                return tar.extractfile(entry).read()
+    raise AssertionError(f"{member} is missing from the docs archive")
+
+
+@pytest.mark.parametrize("extractor", ["resiliparse", "trafilatura"])
+def test_html_extractors_keep_main_text_and_drop_navigation(extractor: str) -> None:
+    """A real Sphinx page: its body stays, the sidebar, header and footer links go."""
+    html = python_docs_page("html/library/json.html")
+    raw = html.decode()
+    for chrome in ("Previous topic", "Report a Bug", "Show Source", "Quick search",
+                   "Created using"):
+        assert chrome in raw  # the page has it: the extractor must leave it out
+    doc = html_to_text(html, "json.html", extractor=extractor)
+    assert isinstance(doc, Doc)
+    text = doc.text
+    assert "json — JSON encoder and decoder" in text
+    assert "Serialize obj as a JSON formatted stream to fp" in text
+    assert "Be cautious when parsing JSON data from untrusted sources." in text
+    for chrome in ("Previous topic", "Report a Bug", "Show Source", "Quick search",
+                   "Created using"):
+        assert chrome not in text, chrome
+    assert "<" + "div" not in text
+
+
+def test_html_extractor_is_chosen_by_config_and_a_wrong_one_names_the_field() -> None:
+    assert ExtractConfig().html_extractor == "resiliparse"
+    assert ExtractConfig(html_extractor="trafilatura").html_extractor == "trafilatura"
+    with pytest.raises(ConfigError, match=r"data\.extract\.html_extractor"):
+        validate_config({"workdir": "w", "data": {"sources": [{"uri": "x.txt"}],
+                                                  "extract": {"html_extractor": "lxml"}}})
+
+
+def test_html_without_text_is_a_counted_drop() -> None:
+    assert html_to_text(b"", "empty.html").reason == "no_extractable_text"
