@@ -6,6 +6,10 @@ still going, each row at its own position. A row ends on its own: at <|endoftext
 its stop strings, after its max_tokens, at the end of the context, or when the caller's
 on_token callback says so; its slot then leaves the batch. Each row samples with its own
 random generator, so with a seed its answer does not depend on the other rows.
+
+All prompts are prefilled in one forward. On the CPU a decode step feeds only the rows still
+going and attends to the longest row's length; on CUDA it has one fixed shape (all the slots
+of a kept cache, the whole context under the mask), compiled once with CUDA graphs.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ class SamplingParams:
 
     frequency_penalty and presence_penalty are OpenAI's: a token's logit is lowered by
     frequency_penalty times the number of times the answer already holds it, plus
-    presence_penalty once it holds it at all; they keep a small model out of loops.
+    presence_penalty once it holds it at all; they keep a small model out of loops. The
+    defaults are measured by bench/generation.py (distinct-2 of test-split answers).
     """
 
     max_tokens: int = 256
@@ -148,7 +153,8 @@ class _Row:
 
 
 class Engine:
-    """Answers requests in batches on one model (see the module docstring)."""
+    """Answers requests in batches on one model (see the module docstring). One generate call
+    at a time: a server collects requests and hands them over together."""
 
     def __init__(
         self, model: GPT, encoding: Any, device: str | torch.device, static: bool | None = None
@@ -199,7 +205,7 @@ class Engine:
             longest = max(row.length + row.limit for row in rows)
             cache, step = KVCache(self.model.config.n_layer, len(rows), longest), self._step
         logits = self._prefill(cache, rows)
-        if step is not self._step:  # the graphs write into the buffers the prefill allocated
+        if self.static and self.device.type == "cuda":  # graphs write into these buffers
             for buffer in cache.k + cache.v:
                 torch._dynamo.mark_static_address(buffer)
         counts = None  # times each row's answer holds each token, for the penalties
