@@ -36,7 +36,10 @@ SMOKE: dict[str, list[str]] = {
     "loader_throughput.py": ["--batches", "20", "--repeats", "1"],
     "train_throughput.py": ["--steps", "2", "--repeats", "1"],
     "finetune_throughput.py": ["--steps", "1", "--repeats", "1"],
-    "generation_speed.py": ["--new-tokens", "8", "--repeats", "1"],
+    # the cache part only: the other parts train a stand-in model that later runs reuse
+    "generation.py": ["--parts", "cache", "--new-tokens", "8", "--repeats", "1"],
+    "generation_gpu.py": ["--device", "cpu", "--preset", "tiny", "--new-tokens", "8",
+                          "--dtype", "float32", "--repeats", "1"],
 }
 NO_OUT_FLAG = {"filter_report.py"}  # it writes a folder of reports (--out-dir above)
 

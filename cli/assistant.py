@@ -45,7 +45,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     sub.add_argument("--temperature", type=float, help="0: greedy (default 0.7)")
     sub.add_argument("--top-k", type=int, help="default: none; 0 disables")
     sub.add_argument("--top-p", type=float, help="default 0.9; 1 disables")
-    sub.add_argument("--frequency-penalty", type=float, help="against loops (default 0.3)")
+    sub.add_argument("--frequency-penalty", type=float, help="against loops (default 0.5)")
     sub.add_argument("--max-new-tokens", type=int, help="default 256")
     sub.add_argument("--seed", type=int, help="seed the sampling (default: random)")
     sub.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

@@ -6,6 +6,10 @@ still going, each row at its own position. A row ends on its own: at <|endoftext
 its stop strings, after its max_tokens, at the end of the context, or when the caller's
 on_token callback says so; its slot then leaves the batch. Each row samples with its own
 random generator, so with a seed its answer does not depend on the other rows.
+
+All prompts are prefilled in one forward. On the CPU a decode step feeds only the rows still
+going and attends to the longest row's length; on CUDA it has one fixed shape (all the slots
+of a kept cache, the whole context under the mask), compiled once with CUDA graphs.
 """
 
 from __future__ import annotations
@@ -27,14 +31,15 @@ class SamplingParams:
 
     frequency_penalty and presence_penalty are OpenAI's: a token's logit is lowered by
     frequency_penalty times the number of times the answer already holds it, plus
-    presence_penalty once it holds it at all; they keep a small model out of loops.
+    presence_penalty once it holds it at all; they keep a small model out of loops. The
+    defaults are measured by bench/generation.py (distinct-2 of test-split answers).
     """
 
     max_tokens: int = 256
     temperature: float = 0.7
     top_p: float = 0.9
     top_k: int | None = None
-    frequency_penalty: float = 0.3
+    frequency_penalty: float = 0.5
     presence_penalty: float = 0.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
@@ -148,13 +153,21 @@ class _Row:
 
 
 class Engine:
-    """Answers requests in batches on one model (see the module docstring)."""
+    """Answers requests in batches on one model (see the module docstring). One generate call
+    at a time: a server collects requests and hands them over together."""
 
-    def __init__(self, model: GPT, encoding: Any, device: str | torch.device) -> None:
+    def __init__(
+        self, model: GPT, encoding: Any, device: str | torch.device, static: bool | None = None
+    ) -> None:
         self.model = model.eval()
         self.encoding = encoding
         self.device = torch.device(device)
         self.eot = encoding.eot_token
+        # static (default: on CUDA): every decode step has one shape, all the slots of a cache
+        # kept across calls, the whole context attended under the mask; on CUDA that step is
+        # compiled with CUDA graphs, so a token costs one graph replay, not Python per layer.
+        self.static = self.device.type == "cuda" if static is None else static
+        self._static: dict[int, tuple[KVCache, Callable]] = {}
 
     def check(self, index: int, request: Request) -> None:
         """Refuse a request the model cannot answer, naming it and why."""
@@ -186,10 +199,15 @@ class Engine:
         block = self.model.config.block_size
         rows = [_Row(r, min(r.params.max_tokens, block - len(r.prompt)), self.encoding)
                 for r in requests]
-        cache = KVCache(
-            self.model.config.n_layer, len(rows), max(row.length + row.limit for row in rows)
-        )
-        logits = torch.cat([self._prefill(cache, i, row) for i, row in enumerate(rows)])
+        if self.static:
+            cache, step = self._static_cache(len(rows))
+        else:
+            longest = max(row.length + row.limit for row in rows)
+            cache, step = KVCache(self.model.config.n_layer, len(rows), longest), self._step
+        logits = self._prefill(cache, rows)
+        if self.static and self.device.type == "cuda":  # graphs write into these buffers
+            for buffer in cache.k + cache.v:
+                torch._dynamo.mark_static_address(buffer)
         counts = None  # times each row's answer holds each token, for the penalties
         if any(r.params.frequency_penalty or r.params.presence_penalty for r in requests):
             counts = torch.zeros(len(rows), VOCAB_SIZE, device=self.device)
@@ -213,24 +231,57 @@ class Engine:
             if not fed:
                 return [row.completion() for row in rows]
             active = [i for i, _ in fed]
-            positions = torch.tensor([[rows[i].length] for i in active], device=self.device)
-            every = len(active) == len(rows)
-            cache.rows = None if every else torch.tensor(active, device=self.device)
-            cache.span = max(rows[i].length for i in active) + 1
-            idx = torch.tensor([[t] for _, t in fed], device=self.device)
-            out, _ = self.model(idx, cache=cache, positions=positions, last_only=True)
-            logits = out[:, -1, :VOCAB_SIZE].float()
+            if self.static:  # every slot steps; the finished and unused ones at position 0
+                idx, positions = torch.zeros(2, cache.batch_size, 1, dtype=torch.long)
+                idx[active, 0] = torch.tensor([t for _, t in fed])
+                positions[active, 0] = torch.tensor([rows[i].length for i in active])
+                cache.rows, cache.span = None, cache.max_len
+                logits = step(cache, idx.to(self.device), positions.to(self.device))[active]
+            else:
+                every = len(active) == len(rows)
+                cache.rows = None if every else torch.tensor(active, device=self.device)
+                cache.span = max(rows[i].length for i in active) + 1
+                idx = torch.tensor([[t] for _, t in fed], device=self.device)
+                positions = torch.tensor([[rows[i].length] for i in active], device=self.device)
+                logits = step(cache, idx, positions)
             for i in active:
                 rows[i].length += 1
 
-    def _prefill(self, cache: KVCache, slot: int, row: _Row) -> torch.Tensor:
-        """Run a prompt into its cache row; the logits (1, vocab) of its first new token."""
-        cache.rows = torch.tensor([slot], device=self.device)
-        cache.span = row.length
-        positions = torch.arange(row.length, device=self.device)[None]
-        idx = torch.tensor([row.request.prompt], device=self.device)
+    def _step(self, cache: KVCache, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One decode step: each row's next token in, the logits (B, vocab) of the one after."""
         out, _ = self.model(idx, cache=cache, positions=positions, last_only=True)
         return out[:, -1, :VOCAB_SIZE].float()
+
+    def _static_cache(self, n: int) -> tuple[KVCache, Callable]:
+        """The kept cache with room for n rows (a power of two, so few graphs are captured) over
+        the whole context, and its decode step: compiled with CUDA graphs on CUDA."""
+        capacity = 1 << (n - 1).bit_length()
+        if capacity not in self._static:
+            cache = KVCache(self.model.config.n_layer, capacity, self.model.config.block_size)
+            step = self._step
+            if self.device.type == "cuda":
+                step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True)
+            self._static[capacity] = (cache, step)
+        return self._static[capacity]
+
+    def _prefill(self, cache: KVCache, rows: list[_Row]) -> torch.Tensor:
+        """Run every prompt into its cache row in one forward; the logits (B, vocab) of each
+        row's first new token.
+
+        Prompts are left-padded so that each one ends in the last column. A pad takes a
+        position past its row's prompt: the keys it writes there are never attended (a token
+        sees positions up to its own) and are overwritten by the answer's tokens.
+        """
+        width = max(row.length for row in rows)
+        idx = torch.zeros(len(rows), width, dtype=torch.long)
+        positions = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            pad = width - row.length
+            idx[i, pad:] = torch.tensor(row.request.prompt)
+            positions[i] = torch.cat([torch.arange(row.length, width), torch.arange(row.length)])
+        cache.rows = torch.arange(len(rows), device=self.device)
+        cache.span = width
+        return self._step(cache, idx.to(self.device), positions.to(self.device))
 
 
 def penalize(

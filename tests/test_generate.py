@@ -180,3 +180,15 @@ def test_top_k_1_and_tiny_top_p_sample_the_greedy_answer(engine: Engine) -> None
     for kw in ({"top_k": 1}, {"top_p": 1e-6}):
         p = SamplingParams(temperature=1.0, frequency_penalty=0.0, seed=0, **kw)
         assert engine.generate([Request(prompt, p)])[0].tokens == greedy
+
+
+def test_the_static_decode_step_gives_the_same_answers(lively: GPT, enc) -> None:
+    """The fixed-shape step CUDA compiles: every slot of a kept cache steps, finished or not."""
+    static = Engine(lively, enc, "cpu", static=True)
+    rows = prompts(3, 17, 9)
+    params = [GREEDY, SamplingParams(**{**vars(GREEDY), "max_tokens": 5}), GREEDY]
+    requests = [Request(p, q) for p, q in zip(rows, params, strict=True)]
+    expected = [c.tokens for c in Engine(lively, enc, "cpu").generate(requests)]
+    assert [c.tokens for c in static.generate(requests)] == expected
+    assert [c.tokens for c in static.generate(requests[::-1])] == expected[::-1]  # cache reused
+    assert list(static._static) == [4]  # 3 rows share one 4-slot cache
