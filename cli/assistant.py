@@ -1,4 +1,4 @@
-"""`forge finetune`, `forge chat`, `forge import-gpt2` and `forge export`: the assistant side.
+"""`forge finetune`, `chat`, `serve-chat`, `import-gpt2` and `export`: the assistant side.
 
 Every CHECKPOINT argument is a checkpoint file or a work folder (its newest complete
 checkpoint of the latest stage: fine-tuned if there is one, else pretrained); see
@@ -53,6 +53,22 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     sub.set_defaults(handler=chat)
 
     sub = commands.add_parser(
+        "serve-chat",
+        parents=[common],
+        help="a web chat page and an OpenAI-compatible API over a model (requests batched)",
+    )
+    sub.add_argument("checkpoint", metavar="CHECKPOINT", help=CHECKPOINT_HELP)
+    sub.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    sub.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free one")
+    sub.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests")
+    sub.add_argument("--model-name", default="forge", help="the model id clients name")
+    sub.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    sub.add_argument(
+        "--vocab-dir", help="GPT-2 vocabulary folder (default: $FORGE_VOCAB_DIR or the run's own)"
+    )
+    sub.set_defaults(handler=serve_chat)
+
+    sub = commands.add_parser(
         "import-gpt2",
         parents=[common],
         help="Hugging Face GPT-2 folder (safetensors) -> forge checkpoint",
@@ -77,6 +93,14 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
         help="hf: config.json + model.safetensors (LoRA adapters merged)",
     )
     sub.set_defaults(handler=export)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
 
 
 def finetune(args: argparse.Namespace) -> int:
@@ -146,6 +170,15 @@ def chat(args: argparse.Namespace) -> int:
         f"context {model.config.block_size}). /help for commands, /exit to quit."
     )
     return run_chat(session, prompt=args.prompt, banner=banner)
+
+
+def serve_chat(args: argparse.Namespace) -> int:
+    from model.server import serve_chat as serve
+
+    device = _device(args.device)
+    serve(args.checkpoint, args.host, args.port, args.api_key, device, args.model_name,
+          args.vocab_dir)
+    return 0
 
 
 def import_gpt2(args: argparse.Namespace) -> int:

@@ -33,10 +33,9 @@ from typing import Any, TextIO
 import torch
 
 from model.gpt import GPT
-from model.inference import PREAMBLE
+from model.inference import STOP_STRINGS, format_chat
 from pipeline.encoding import EOT_ID
 
-STOP_STRINGS = ("### Instruction:", "### Response:")
 HELP = """commands:
   /reset               forget the conversation
   /set NAME VALUE      temperature, top_k, top_p, max_new_tokens or seed ('none' unsets
@@ -105,11 +104,11 @@ class GenerationSettings:
 
 
 def chat_prompt(turns: list[tuple[str, str]], message: str) -> str:
-    """The conversation so far plus the new message, ready for the answer."""
-    text = f"{PREAMBLE}\n\n"
+    """The conversation so far plus the new message, ready for the answer (format_chat)."""
+    messages = []
     for user, reply in turns:
-        text += f"### Instruction:\n{user}\n\n### Response:\n{reply}\n\n"
-    return text + f"### Instruction:\n{message}\n\n### Response:\n"
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+    return format_chat([*messages, {"role": "user", "content": message}])
 
 
 def _held_back(text: str) -> int:
