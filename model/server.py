@@ -241,14 +241,14 @@ class BatchWorker(threading.Thread):
             completions = self.engine.generate([job.request for job in batch], on_token)
         except Exception as e:  # noqa: BLE001 - every client of the batch hears of it
             log.exception("generation failed")
+            self._count(failed=len(batch), running=-len(batch))
             for job in batch:
                 job.put("error", e)
-            self._count(failed=len(batch), running=-len(batch))
             return
-        for job, completion in zip(batch, completions, strict=True):
+        cancelled = sum(c.finish_reason == "cancelled" for c in completions)
+        self._count(running=-len(batch), cancelled=cancelled, served=len(batch) - cancelled)
+        for job, completion in zip(batch, completions, strict=True):  # counted before told
             job.put("done", completion)
-            self._count(**{"cancelled" if completion.finish_reason == "cancelled" else "served": 1})
-        self._count(running=-len(batch))
 
 
 # ---------------------------------------------------------------- streamed text
