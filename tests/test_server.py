@@ -349,6 +349,10 @@ def test_browser_chats_with_streamed_answer(taught_server: Server, tmp_path: Pat
         seen = page.evaluate("window.seen")
         assert len(seen) > 3 and seen[-1] == ANSWER  # streamed: it grew piece by piece
         assert all(ANSWER.startswith(s) for s in seen)
+        page.keyboard.type("And item 4?")  # a second turn: the conversation so far is sent
+        page.keyboard.press("Enter")
+        expect(page.locator(".assistant")).to_have_count(2)
+        expect(page.locator(".assistant").nth(1)).to_have_text(ANSWER, timeout=30_000)
         page.screenshot(path=str(tmp_path / "chat.png"))
         page.get_by_role("button", name="New chat").click()
         expect(page.locator(".assistant")).to_have_count(0)
