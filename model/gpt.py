@@ -22,41 +22,46 @@ PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
 
 
 class KVCache:
-    """Keys and values of past positions, one preallocated buffer per layer.
+    """Keys and values of past positions for a batch of rows, preallocated: (B, heads, max_len,
+    head_dim) per layer.
 
-    Buffers of shape (B, n_head, max_len, head_dim) are allocated on a layer's first write, with
-    the dtype and device of the keys written, so the cache just works under autocast. `length`
-    is the number of positions stored; it is also the position of the next token fed.
+    Each row keeps its own length: a forward writes every row's new tokens at that row's own
+    positions, so rows of different lengths share one forward, and a query attends to the keys
+    of its row up to its own position. Buffers are allocated on a layer's first write, with the
+    dtype and device of the keys written, so the cache just works under autocast.
+
+    Before a forward the caller sets `rows`, the cache rows the batch's rows are (None: all, in
+    order), and `span`, how many columns attention reads (longest row after the step: a short
+    answer does not pay for max_len).
     """
 
-    def __init__(self, n_layer: int, max_len: int) -> None:
+    def __init__(self, n_layer: int, batch_size: int, max_len: int) -> None:
+        self.batch_size = batch_size
         self.max_len = max_len
-        self.length = 0
+        self.rows: torch.Tensor | None = None
+        self.span = max_len
         self.k: list[torch.Tensor | None] = [None] * n_layer
         self.v: list[torch.Tensor | None] = [None] * n_layer
 
-    def reset(self) -> None:
-        """Forget all positions; the buffers are kept for reuse."""
-        self.length = 0
-
     def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, H, T, D) after the cached prefix; return keys/values of prefix + new."""
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H, T, D) at positions (B, T); return the keys and values of the rows'
+        first `span` columns and the attention mask (B, 1, T, span): keys up to each position."""
         B, H, T, D = k.shape
-        end = self.length + T
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+        if self.k[layer] is None:
+            self.k[layer] = k.new_zeros(self.batch_size, H, self.max_len, D)
+            self.v[layer] = v.new_zeros(self.batch_size, H, self.max_len, D)
         kbuf, vbuf = self.k[layer], self.v[layer]
-        if kbuf is None or vbuf is None or kbuf.shape[0] != B or kbuf.dtype != k.dtype:
-            if self.length > 0:
-                raise ValueError("batch size or dtype changed while the cache holds positions")
-            kbuf = k.new_empty(B, H, self.max_len, D)
-            vbuf = v.new_empty(B, H, self.max_len, D)
-            self.k[layer], self.v[layer] = kbuf, vbuf
-        kbuf[:, :, self.length : end] = k
-        vbuf[:, :, self.length : end] = v
-        return kbuf[:, :, :end], vbuf[:, :, :end]
+        rows = self.rows if self.rows is not None else torch.arange(B, device=k.device)
+        kbuf[rows[:, None], :, positions] = k.transpose(1, 2)  # (B, T, H, D) per (row, position)
+        vbuf[rows[:, None], :, positions] = v.transpose(1, 2)
+        if self.rows is None and k.size(0) == self.batch_size:
+            keys, values = kbuf[:, :, : self.span], vbuf[:, :, : self.span]
+        else:
+            keys, values = kbuf[rows, :, : self.span], vbuf[rows, :, : self.span]
+        columns = torch.arange(self.span, device=k.device)
+        return keys, values, (columns <= positions[:, :, None]).unsqueeze(1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -65,32 +70,25 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
-        self.layer_idx = layer_idx  # which slot of a KVCache this layer uses
+        self.layer_idx = layer_idx  # which layer of a KVCache this one uses
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """positions (B, T) or (T,): where each token sits in its row."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        start = 0 if cache is None else cache.length
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-        # SDPA's is_causal aligns the mask top-left, which is only right without a prefix. One new
-        # token may see every cached position (no mask); a chunk after a prefix needs the causal
-        # mask shifted right by the prefix length.
-        mask = None
-        if start > 0 and T > 1:
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=start == 0,
-        )
+        if cache is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            )
+        else:
+            k, v, mask = cache.update(self.layer_idx, k, v, positions)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -117,8 +115,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), positions, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -170,26 +170,28 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         *,
+        positions: torch.Tensor | None = None,
         last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) and the mean cross-entropy loss when targets are given.
 
-        Targets equal to -100 are left out of the loss (masked prompt tokens). With a cache, idx
-        holds only the new tokens: they take positions cache.length.. and the cache grows by T.
+        Targets equal to -100 are left out of the loss (masked prompt tokens). positions (B, T)
+        says where each token of idx sits in its row (default 0..T-1); with a cache, idx holds
+        only the new tokens and positions is required: each row continues at its own length.
         last_only returns logits for the last position only (B, 1, vocab), for sampling.
         """
         B, T = idx.shape
-        start = 0 if cache is None else cache.length
-        if start + T > self.config.block_size:
-            raise ValueError(
-                f"sequence of {start + T} positions exceeds block_size {self.config.block_size}"
-            )
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        if positions is None:
+            if cache is not None:
+                raise ValueError("a forward with a KV cache needs the positions of its tokens")
+            if idx.size(1) > self.config.block_size:
+                raise ValueError(
+                    f"sequence of {T} positions exceeds block_size {self.config.block_size}"
+                )
+            positions = torch.arange(T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
         for block in self.transformer.h:
-            x = block(x, cache)
-        if cache is not None:
-            cache.length += T
+            x = block(x, positions, cache)
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)
@@ -311,17 +313,21 @@ class GPT(nn.Module):
         if idx.dim() != 2 or idx.size(1) == 0:
             raise ValueError(f"idx must be (B, T) with T >= 1, got shape {tuple(idx.shape)}")
         block_size = self.config.block_size
-        cache = KVCache(self.config.n_layer, block_size) if use_cache else None
+        cache = KVCache(self.config.n_layer, idx.size(0), block_size) if use_cache else None
         seq, pending = idx, idx  # pending: tokens not yet in the cache
+        length = 0  # positions in the cache
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             if cache is None:
                 logits, _ = self(seq[:, -block_size:], last_only=True)
             else:
-                if cache.length + pending.size(1) > block_size:
-                    cache.reset()
-                    pending = seq[:, -block_size:]
-                logits, _ = self(pending, cache=cache, last_only=True)
+                if length + pending.size(1) > block_size:
+                    length, pending = 0, seq[:, -block_size:]
+                B, T = pending.shape
+                cache.span = length + T
+                positions = torch.arange(length, length + T, device=idx.device).expand(B, T)
+                logits, _ = self(pending, cache=cache, positions=positions, last_only=True)
+                length += T
             # rows past GPT-2's vocabulary only pad the matrices (vocab_size 50304): never sampled
             logits = logits[:, -1, :VOCAB_SIZE]
             tok = sample_logits(logits, temperature, top_k, top_p, generator)

@@ -150,22 +150,40 @@ def test_ignore_index_excluded_from_loss(tiny: GPT) -> None:
 def test_cached_logits_match_full_forward(lively: GPT) -> None:
     seq = prompt(40, batch=2, vocab=VOCAB)
     full, _ = lively(seq)
-    cache = KVCache(lively.config.n_layer, lively.config.block_size)
-    logits, _ = lively(seq[:, :10], cache=cache)  # prefill
-    torch.testing.assert_close(logits, full[:, :10], atol=1e-5, rtol=0)
+    cache = KVCache(lively.config.n_layer, 2, lively.config.block_size)
+
+    def step(start: int, end: int) -> torch.Tensor:
+        cache.span = end
+        positions = torch.arange(start, end).expand(2, end - start)
+        return lively(seq[:, start:end], cache=cache, positions=positions)[0]
+
+    torch.testing.assert_close(step(0, 10), full[:, :10], atol=1e-5, rtol=0)  # prefill
     for t in range(10, 30):  # one token at a time
-        logits, _ = lively(seq[:, t : t + 1], cache=cache)
-        torch.testing.assert_close(logits[:, -1], full[:, t], atol=1e-5, rtol=0)
-    logits, _ = lively(seq[:, 30:], cache=cache)  # a multi-token chunk after a prefix
-    torch.testing.assert_close(logits, full[:, 30:], atol=1e-5, rtol=0)
-    assert cache.length == 40
+        torch.testing.assert_close(step(t, t + 1)[:, -1], full[:, t], atol=1e-5, rtol=0)
+    # a multi-token chunk after a prefix
+    torch.testing.assert_close(step(30, 40), full[:, 30:], atol=1e-5, rtol=0)
 
 
-def test_cache_overflow_raises(tiny: GPT) -> None:
-    cache = KVCache(tiny.config.n_layer, 8)
-    tiny(prompt(8), cache=cache)
-    with pytest.raises(ValueError, match="overflow"):
-        tiny(prompt(1), cache=cache)
+def test_cache_rows_advance_at_their_own_positions(lively: GPT) -> None:
+    """Row 1 one token behind row 0 in one forward: each sees its own prefix only."""
+    seq = prompt(12, batch=2, vocab=VOCAB)
+    full, _ = lively(seq)
+    cache = KVCache(lively.config.n_layer, 2, 16)
+    cache.rows, cache.span = torch.tensor([0]), 10
+    lively(seq[:1, :10], cache=cache, positions=torch.arange(10)[None])
+    cache.rows, cache.span = torch.tensor([1]), 9
+    lively(seq[1:, :9], cache=cache, positions=torch.arange(9)[None])
+    cache.rows, cache.span = None, 11
+    logits, _ = lively(torch.stack([seq[0, 10:11], seq[1, 9:10]]), cache=cache,
+                       positions=torch.tensor([[10], [9]]))
+    torch.testing.assert_close(logits[0, -1], full[0, 10], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[1, -1], full[1, 9], atol=1e-5, rtol=0)
+
+
+def test_cache_needs_positions_and_context_is_bounded(tiny: GPT) -> None:
+    cache = KVCache(tiny.config.n_layer, 1, 8)
+    with pytest.raises(ValueError, match="positions"):
+        tiny(prompt(8), cache=cache)
     with pytest.raises(ValueError, match="block_size"):
         tiny(prompt(tiny.config.block_size + 1))
 
