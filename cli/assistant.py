@@ -62,6 +62,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     sub.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free one")
     sub.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests")
     sub.add_argument("--model-name", default="forge", help="the model id clients name")
+    sub.add_argument("--max-batch", type=int, help="most requests answered together (32)")
     sub.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     sub.add_argument(
         "--vocab-dir", help="GPT-2 vocabulary folder (default: $FORGE_VOCAB_DIR or the run's own)"
@@ -176,8 +177,11 @@ def serve_chat(args: argparse.Namespace) -> int:
     from model.server import serve_chat as serve
 
     device = _device(args.device)
+    if args.max_batch is not None and args.max_batch < 1:
+        raise ValueError(f"--max-batch must be at least 1, got {args.max_batch}")
+    extra = {} if args.max_batch is None else {"max_batch": args.max_batch}
     serve(args.checkpoint, args.host, args.port, args.api_key, device, args.model_name,
-          args.vocab_dir)
+          args.vocab_dir, **extra)
     return 0
 
 

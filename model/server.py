@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 256 * 1024  # far more than any prompt that fits a GPT-2 context
 MAX_STOP = 4  # as OpenAI
+WINDOW_S = 0.02  # how long the worker waits for more requests to batch with the first
+MAX_BATCH = 32  # most requests answered together
 
 
 # ---------------------------------------------------------------- errors
@@ -188,7 +190,8 @@ class BatchWorker(threading.Thread):
     """Collects the requests arriving within `window_s` of the first and runs them as one
     batch through Engine.generate; a cancelled job's row stops at its next token."""
 
-    def __init__(self, engine: Engine, window_s: float = 0.02, max_batch: int = 32) -> None:
+    def __init__(self, engine: Engine, window_s: float = WINDOW_S,
+                 max_batch: int = MAX_BATCH) -> None:
         super().__init__(name="forge-batcher", daemon=True)
         self.engine, self.window_s, self.max_batch = engine, window_s, max_batch
         self.pending: queue.Queue[Job | None] = queue.Queue()
@@ -304,12 +307,13 @@ class ChatServer:
         block_size: int,
         model_name: str = "forge",
         api_key: str | None = None,
-        window_s: float = 0.02,
+        window_s: float = WINDOW_S,
+        max_batch: int = MAX_BATCH,
     ) -> None:
         self.enc, self.block_size = encoding, block_size
         self.model_name, self.api_key = model_name, api_key
         self.created = int(time.time())
-        self.worker = BatchWorker(engine, window_s=window_s)
+        self.worker = BatchWorker(engine, window_s=window_s, max_batch=max_batch)
         self.app = self._build_app()
 
     # -- plumbing
@@ -539,6 +543,7 @@ def serve_chat(
     device: str = "cpu",
     model_name: str = "forge",
     vocab_dir: str | None = None,
+    max_batch: int = MAX_BATCH,
 ) -> None:
     """Load the model once and serve the page and the API until interrupted."""
     from model.inference import load_model, vocab_dir_for
@@ -547,5 +552,6 @@ def serve_chat(
     model, state = load_model(checkpoint, device=device)
     enc = get_encoding(vocab_dir_for(state, vocab_dir))
     engine = Engine(model, enc, device)
-    server = ChatServer(engine, enc, model.config.block_size, model_name, api_key)
+    server = ChatServer(engine, enc, model.config.block_size, model_name, api_key,
+                        max_batch=max_batch)
     server.serve(host, port, f"{state['path']} on {device}")
