@@ -387,23 +387,17 @@ class ChatServer:
             raise APIError(400, str(e), param="messages") from None
         prompt = self.enc.encode_ordinary(text)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        return await self._answer(request, body, prompt, max_tokens, "messages", chat=True)
+        return await self._answer(body, prompt, max_tokens, "messages", chat=True)
 
     async def completions(self, body: CompletionBody, request: Request) -> Response:
         self._authorize(request)
         self._check_model(body.model)
         if body.echo:
             raise APIError(400, "echo is not supported", param="echo")
-        if isinstance(body.prompt, str):
-            prompt = self.enc.encode_ordinary(body.prompt)
-        else:
-            if any(not 0 <= t < self.enc.n_vocab for t in body.prompt):
-                raise APIError(400, f"prompt token ids must be in [0, {self.enc.n_vocab})",
-                               param="prompt")
-            prompt = list(body.prompt)
-        if not prompt:
-            raise APIError(400, "prompt is empty", param="prompt")
-        return await self._answer(request, body, prompt, body.max_tokens, "prompt", chat=False)
+        prompt = body.prompt  # token ids as they are: Engine.check vets them
+        if isinstance(prompt, str):
+            prompt = self.enc.encode_ordinary(prompt)
+        return await self._answer(body, prompt, body.max_tokens, "prompt", chat=False)
 
     # -- answering
 
@@ -424,11 +418,16 @@ class ChatServer:
         return SamplingParams(max_tokens=max_tokens or room, stop=stops,
                               **{k: v for k, v in given.items() if v is not None})
 
-    async def _answer(self, request: Request, body: Sampling, prompt: list[int],
-                      max_tokens: int | None, prompt_field: str, chat: bool) -> Response:
+    async def _answer(self, body: Sampling, prompt: list[int], max_tokens: int | None,
+                      prompt_field: str, chat: bool) -> Response:
         stops = body.stops() + (STOP_STRINGS if chat else ())
         params = self._params(body, prompt, max_tokens, prompt_field, stops)
-        job = Job(EngineRequest(prompt=prompt, params=params), asyncio.get_running_loop())
+        wanted = EngineRequest(prompt=prompt, params=params)
+        try:  # what the Engine would refuse must not fail the batch it joins
+            self.worker.engine.check(0, wanted)
+        except ValueError as e:
+            raise APIError(400, str(e).removeprefix("request 0: "), param=prompt_field) from None
+        job = Job(wanted, asyncio.get_running_loop())
         self.worker.submit(job)
         reply = Reply(self, job, body.model, chat, stops)
         if body.stream:
@@ -438,7 +437,7 @@ class ChatServer:
         try:
             completion = await reply.result()
         finally:
-            job.cancelled = True  # a no-op once done; frees the row if the client went away
+            job.cancelled = True  # a no-op once done; frees the row if we were cancelled
         return JSONResponse(reply.body(completion))
 
     def serve(self, host: str, port: int, what: str = "") -> None:

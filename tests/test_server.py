@@ -294,8 +294,10 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(
         assert set(error["error"]) == {"message", "type", "param", "code"}, error
         assert error["error"]["param"] == param and error["error"]["code"] == code, error
         assert error["error"]["message"]
-    got, error = taught_server.post("/v1/completions", {"model": "forge", "prompt": "x" * 2000})
-    assert got == 400 and error["error"]["code"] == "context_length_exceeded"
+    for prompt, code in [("x" * 2000, "context_length_exceeded"), ([], None), ([60000], None)]:
+        got, error = taught_server.post("/v1/completions", {"model": "forge", "prompt": prompt})
+        assert got == 400 and error["error"]["code"] == code, error
+        assert error["error"]["param"] == "prompt", error
     got, answer = taught_server.post("/v1/chat/completions", ok)
     assert got == 200 and answer["choices"][0]["message"]["content"] == ANSWER
 
