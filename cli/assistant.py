@@ -41,10 +41,12 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     )
     sub.add_argument("checkpoint", metavar="CHECKPOINT", help=CHECKPOINT_HELP)
     sub.add_argument("--prompt", help="answer this once and exit")
-    sub.add_argument("--temperature", type=float, default=0.7, help="0: greedy (default 0.7)")
-    sub.add_argument("--top-k", type=int, default=50, help="default 50; 0 disables")
-    sub.add_argument("--top-p", type=float, default=0.95, help="default 0.95; 1 disables")
-    sub.add_argument("--max-new-tokens", type=int, default=256, help="default 256")
+    # sampling defaults (None here) are the Engine's, model/generate.py's SamplingParams
+    sub.add_argument("--temperature", type=float, help="0: greedy (default 0.7)")
+    sub.add_argument("--top-k", type=int, help="default: none; 0 disables")
+    sub.add_argument("--top-p", type=float, help="default 0.9; 1 disables")
+    sub.add_argument("--frequency-penalty", type=float, help="against loops (default 0.3)")
+    sub.add_argument("--max-new-tokens", type=int, help="default 256")
     sub.add_argument("--seed", type=int, help="seed the sampling (default: random)")
     sub.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     sub.add_argument(
@@ -155,13 +157,15 @@ def chat(args: argparse.Namespace) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, state = load_model(args.checkpoint, device=device)
     enc = get_encoding(vocab_dir_for(state, args.vocab_dir))
-    settings = GenerationSettings(
-        temperature=args.temperature,
-        top_k=args.top_k or None,
-        top_p=args.top_p if args.top_p < 1 else None,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-    )
+    given = {
+        "temperature": args.temperature,
+        "top_k": args.top_k or None,  # 0 disables, as the default does
+        "top_p": args.top_p,
+        "frequency_penalty": args.frequency_penalty,
+        "max_new_tokens": args.max_new_tokens,
+        "seed": args.seed,
+    }
+    settings = GenerationSettings(**{k: v for k, v in given.items() if v is not None})
     session = Chat(model, enc, settings)
     if args.prompt is None and sys.stdin.isatty():
         import readline  # noqa: F401 - line editing and history for input()

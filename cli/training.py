@@ -38,7 +38,8 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     sub.add_argument("--max-tokens", type=int, default=100)
     sub.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
     sub.add_argument("--top-k", type=int, default=200)
-    sub.add_argument("--top-p", type=float, default=None)
+    sub.add_argument("--top-p", type=float, default=1.0, help="1 disables")
+    sub.add_argument("--frequency-penalty", type=float, default=0.0)
     sub.add_argument("--seed", type=int, default=1337)
     sub.add_argument("--vocab-dir", help="GPT-2 vocabulary folder for offline use")
     sub.add_argument("--device", default="cpu")
@@ -116,24 +117,23 @@ def _val_loss(args: argparse.Namespace, model, state: dict) -> dict:
 
 
 def generate(args: argparse.Namespace) -> int:
-    import torch
+    from model.generate import Engine, Request, SamplingParams, TextStream
 
     model, _, encoding = _model_and_encoding(args)
     prompt = encoding.encode_ordinary(args.prompt)
     if not prompt:
         raise ValueError("--prompt is empty")
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p,
+                            frequency_penalty=args.frequency_penalty, seed=args.seed)
     sys.stdout.write(args.prompt)
-    tokens: list[int] = []
-    printed = ""
-    for token in model.stream(torch.tensor([prompt], device=args.device), args.max_tokens,
-                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              eos_id=encoding.eot_token, generator=generator):
-        tokens.append(token)
-        text = encoding.decode(tokens)
-        if not text.endswith("\ufffd"):  # wait for a multi-byte character to complete
-            sys.stdout.write(text[len(printed):])
-            sys.stdout.flush()
-            printed = text
-    sys.stdout.write("\n")
+    text = TextStream(encoding)
+
+    def write(row: int, token: int) -> bool:
+        sys.stdout.write(text.push(token))
+        sys.stdout.flush()
+        return True
+
+    Engine(model, encoding, args.device).generate([Request(prompt, params)], write)
+    sys.stdout.write(text.close() + "\n")
     return 0

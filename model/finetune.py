@@ -34,7 +34,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -44,6 +44,7 @@ import torch
 from model.checkpoint import FINETUNE_FORMAT, CheckpointError
 from model.evaluate import IGNORE
 from model.finetune_config import FinetuneConfig, FinetuneConfigError
+from model.generate import Engine, Request, SamplingParams
 from model.gpt import GPT
 from model.inference import format_prompt, load_model, resolve_checkpoint, sha256_file
 from model.lora import apply_lora, lora_state_dict, merge_lora
@@ -297,26 +298,8 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-@torch.no_grad()
-def answer(
-    model: GPT,
-    enc: Any,
-    prompt: list[int],
-    max_new_tokens: int,
-    device: torch.device,
-    autocast: contextlib.AbstractContextManager,
-) -> str:
-    """The greedy answer to an encoded prompt, up to <|endoftext|> (never past the context)."""
-    room = model.config.block_size - len(prompt)
-    if room <= 0:
-        return ""
-    idx = torch.tensor([prompt], device=device)
-    with autocast:
-        out = model.generate(idx, min(max_new_tokens, room), temperature=0.0, eos_id=EOT_ID)
-    tokens = out[0, len(prompt) :].tolist()
-    if EOT_ID in tokens:
-        tokens = tokens[: tokens.index(EOT_ID)]
-    return enc.decode(tokens).strip()
+TEST_ANSWERS = SamplingParams(temperature=0.0)  # greedy, with the default penalties
+ANSWER_BATCH = 16  # test records answered together
 
 
 def answer_records(
@@ -329,20 +312,30 @@ def answer_records(
     autocast: contextlib.AbstractContextManager,
     progress: ProgressFn | None = None,
 ) -> tuple[list[dict], dict]:
-    """Each record answered and scored against its reference output; and the averages."""
+    """Each record answered (TEST_ANSWERS, batched, never past the context) and scored against
+    its reference output; and the averages."""
+    engine = Engine(model, enc, device)
+    params = replace(TEST_ANSWERS, max_tokens=max_new_tokens)
+    block = model.config.block_size
     rows = []
-    for i, (record, example) in enumerate(zip(records, examples, strict=True)):
-        response = answer(model, enc, example.prompt, max_new_tokens, device, autocast)
-        rows.append(
-            {
-                **record,
-                "model_response": response,
-                "rouge_l_f1": round(rouge_l(response, record["output"]), 4),
-                "token_f1": round(token_f1(response, record["output"]), 4),
-            }
-        )
+    for start in range(0, len(records), ANSWER_BATCH):
+        chunk = examples[start : start + ANSWER_BATCH]
+        fits = [i for i, e in enumerate(chunk) if len(e.prompt) < block]  # else: no answer
+        with autocast:
+            done = engine.generate([Request(chunk[i].prompt, params) for i in fits])
+        texts = dict(zip(fits, (c.text.strip() for c in done), strict=True))
+        for i, record in enumerate(records[start : start + ANSWER_BATCH]):
+            response = texts.get(i, "")
+            rows.append(
+                {
+                    **record,
+                    "model_response": response,
+                    "rouge_l_f1": round(rouge_l(response, record["output"]), 4),
+                    "token_f1": round(token_f1(response, record["output"]), 4),
+                }
+            )
         if progress:
-            progress(i + 1, len(records))
+            progress(len(rows), len(records))
     n = len(rows)
     scores = {
         "records": n,
@@ -505,7 +498,12 @@ class Finetuning(TrainingRun):
             return None
         path = self.work.test_responses
         sha = sha256_file(checkpoint) if checkpoint else None
-        decoding = {"temperature": 0.0, "max_new_tokens": cfg.test_max_new_tokens}
+        decoding = {
+            "temperature": TEST_ANSWERS.temperature,
+            "frequency_penalty": TEST_ANSWERS.frequency_penalty,
+            "presence_penalty": TEST_ANSWERS.presence_penalty,
+            "max_new_tokens": cfg.test_max_new_tokens,
+        }
         with contextlib.suppress(OSError, ValueError, KeyError):
             done = json.loads(path.read_text())
             if (
@@ -520,10 +518,7 @@ class Finetuning(TrainingRun):
         t0 = time.perf_counter()
 
         def report(done: int, total: int) -> None:
-            if done % 10 == 0 or done == total:
-                log.info(
-                    "test split: %d/%d answered (%.0fs)", done, total, time.perf_counter() - t0
-                )
+            log.info("test split: %d/%d answered (%.0fs)", done, total, time.perf_counter() - t0)
 
         rows, scores = answer_records(
             model,

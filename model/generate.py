@@ -72,16 +72,56 @@ class Completion:
     prompt_tokens: int
 
 
+class TextStream:
+    """The text of an answer as its tokens come, released only once it is certain: a stop
+    string cuts the answer, and text that could still begin one (with the whitespace before
+    it) is held back, as are the bytes of a character split across tokens."""
+
+    def __init__(self, encoding: Any, stop: tuple[str, ...] = ()) -> None:
+        self.encoding, self.stop = encoding, stop
+        self.text = ""  # the answer so far, cut before a stop string once one appears
+        self.stopped = False
+        self.released = 0  # characters of text handed out
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        """Add a token; returns the text that became certain (none once stopped)."""
+        if self.stopped:
+            return ""
+        start = len(self.text)
+        self.text += self._decoder.decode(self.encoding.decode_single_token_bytes(token))
+        cuts = [self.text.find(s, max(0, start - len(s) + 1)) for s in self.stop]
+        if any(c >= 0 for c in cuts):
+            self.text, self.stopped = self.text[: min(c for c in cuts if c >= 0)], True
+            return ""
+        held = next(
+            (n for n in range(min(len(self.text), max(map(len, self.stop), default=1) - 1), 0, -1)
+             if any(s.startswith(self.text[-n:]) for s in self.stop)),
+            0,
+        )
+        end = len(self.text[: len(self.text) - held].rstrip())
+        ready = self.text[self.released : end]
+        self.released = max(self.released, end)
+        return ready
+
+    def close(self) -> str:
+        """The rest of the text, once the answer has ended."""
+        if not self.stopped:
+            self.text += self._decoder.decode(b"", final=True)
+        rest = self.text[self.released :]
+        self.released = len(self.text)
+        return rest
+
+
 class _Row:
     """One request in flight: its tokens so far, its text, its generator, its end."""
 
-    def __init__(self, request: Request, limit: int) -> None:
+    def __init__(self, request: Request, limit: int, encoding: Any) -> None:
         self.request, self.params = request, request.params
         self.limit = limit  # new tokens allowed: max_tokens, or less where the context ends
         self.length = len(request.prompt)  # positions in the cache
         self.tokens: list[int] = []
-        self.text = ""
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stream = TextStream(encoding, self.params.stop)
         self.generator = torch.Generator()
         if self.params.seed is None:
             self.generator.seed()
@@ -89,27 +129,22 @@ class _Row:
             self.generator.manual_seed(self.params.seed)
         self.finish: str | None = None
 
-    def add(self, token: int, encoding: Any) -> None:
+    def add(self, token: int) -> None:
         """Append a new token (not end of text) and see whether the answer is over."""
         self.tokens.append(token)
-        checked = len(self.text)
-        self.text += self.decoder.decode(encoding.decode_single_token_bytes(token))
-        for stop in self.params.stop:
-            cut = self.text.find(stop, max(0, checked - len(stop) + 1))
-            if cut >= 0:
-                self.text, self.finish = self.text[:cut], "stop"
-                return
-        if len(self.tokens) >= self.limit:
+        self.stream.push(token)
+        if self.stream.stopped:
+            self.end("stop")
+        elif len(self.tokens) >= self.limit:
             self.end("length")
 
     def end(self, reason: str) -> None:
-        if reason != "cancelled":
-            self.text += self.decoder.decode(b"", final=True)
+        self.stream.close()
         self.finish = reason
 
     def completion(self) -> Completion:
         assert self.finish is not None
-        return Completion(self.tokens, self.text, self.finish, len(self.request.prompt))
+        return Completion(self.tokens, self.stream.text, self.finish, len(self.request.prompt))
 
 
 class Engine:
@@ -149,7 +184,8 @@ class Engine:
         if not requests:
             return []
         block = self.model.config.block_size
-        rows = [_Row(r, min(r.params.max_tokens, block - len(r.prompt))) for r in requests]
+        rows = [_Row(r, min(r.params.max_tokens, block - len(r.prompt)), self.encoding)
+                for r in requests]
         cache = KVCache(
             self.model.config.n_layer, len(rows), max(row.length + row.limit for row in rows)
         )
@@ -168,7 +204,7 @@ class Engine:
                 if token == self.eot:
                     row.end("stop")
                     continue
-                row.add(token, self.encoding)
+                row.add(token)
                 if counts is not None:
                     counts[i, token] += 1
                 if on_token is not None and on_token(i, token) is False and row.finish is None:
@@ -180,7 +216,7 @@ class Engine:
             positions = torch.tensor([[rows[i].length] for i in active], device=self.device)
             every = len(active) == len(rows)
             cache.rows = None if every else torch.tensor(active, device=self.device)
-            cache.span = int(positions.max()) + 1
+            cache.span = max(rows[i].length for i in active) + 1
             idx = torch.tensor([[t] for _, t in fed], device=self.device)
             out, _ = self.model(idx, cache=cache, positions=positions, last_only=True)
             logits = out[:, -1, :VOCAB_SIZE].float()

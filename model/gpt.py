@@ -8,14 +8,12 @@ transposed relative to nn.Linear, so c_attn/c_proj/c_fc need a .t() on import).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from model.gpt_config import PRESETS, GPTConfig  # noqa: F401 - PRESETS is part of this API
-from pipeline.encoding import VOCAB_SIZE
 
 # Dense bf16 peak FLOP/s per GPU, for MFU. The SXM parts; PCIe cards are lower.
 PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
@@ -241,131 +239,3 @@ class GPT(nn.Module):
         tokens_per_s and peak_flops must cover the same hardware (e.g. both per GPU).
         """
         return self.estimate_flops_per_token(seq_len) * tokens_per_s / peak_flops
-
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_id: int | None = None,
-        use_cache: bool = True,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Append up to max_new_tokens sampled tokens to idx (B, T); returns (B, T + n).
-
-        A row that samples eos_id keeps the eos and is padded with eos_id afterwards; generation
-        stops once every row has. temperature 0 is greedy. Call model.eval() first.
-        """
-        steps = self._decode(
-            idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator
-        )
-        return torch.cat([idx, *steps], dim=1)
-
-    @torch.no_grad()
-    def stream(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_id: int | None = None,
-        use_cache: bool = True,
-        generator: torch.Generator | None = None,
-    ) -> Iterator[int]:
-        """Like generate for one sequence ((T,) or (1, T)), yielding each new token id as it comes.
-
-        Stops at eos_id without yielding it.
-        """
-        if idx.dim() == 1:
-            idx = idx.unsqueeze(0)
-        if idx.size(0) != 1:
-            raise ValueError(f"stream takes a single sequence, got batch size {idx.size(0)}")
-        for tok in self._decode(
-            idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator
-        ):
-            t = int(tok.item())
-            if t == eos_id:
-                return
-            yield t
-
-    def _decode(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float,
-        top_k: int | None,
-        top_p: float | None,
-        eos_id: int | None,
-        use_cache: bool,
-        generator: torch.Generator | None,
-    ) -> Iterator[torch.Tensor]:
-        """Yield the next tokens (B, 1) one step at a time.
-
-        Without a cache the context is cropped to the last block_size tokens. With one, only the
-        new token is fed; when the cache is full, it is refilled from the last block_size tokens.
-        Absolute position embeddings shift with the window, so past block_size every step is a
-        full re-prefill: exact (same tokens as without a cache), but no faster.
-        """
-        if idx.dim() != 2 or idx.size(1) == 0:
-            raise ValueError(f"idx must be (B, T) with T >= 1, got shape {tuple(idx.shape)}")
-        block_size = self.config.block_size
-        cache = KVCache(self.config.n_layer, idx.size(0), block_size) if use_cache else None
-        seq, pending = idx, idx  # pending: tokens not yet in the cache
-        length = 0  # positions in the cache
-        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            if cache is None:
-                logits, _ = self(seq[:, -block_size:], last_only=True)
-            else:
-                if length + pending.size(1) > block_size:
-                    length, pending = 0, seq[:, -block_size:]
-                B, T = pending.shape
-                cache.span = length + T
-                positions = torch.arange(length, length + T, device=idx.device).expand(B, T)
-                logits, _ = self(pending, cache=cache, positions=positions, last_only=True)
-                length += T
-            # rows past GPT-2's vocabulary only pad the matrices (vocab_size 50304): never sampled
-            logits = logits[:, -1, :VOCAB_SIZE]
-            tok = sample_logits(logits, temperature, top_k, top_p, generator)
-            if eos_id is not None:
-                tok = torch.where(finished, torch.full_like(tok, eos_id), tok)
-                finished |= tok == eos_id
-            tok = tok.unsqueeze(1)
-            seq = torch.cat([seq, tok], dim=1)
-            pending = tok
-            yield tok
-            if eos_id is not None and bool(finished.all()):
-                return
-
-
-def sample_logits(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Sample one token per row of logits (B, vocab) -> (B,).
-
-    temperature 0 is greedy. top_k keeps the k most likely tokens; top_p keeps the smallest set
-    of most likely tokens whose probability reaches top_p (nucleus, as HF), never fewer than one.
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens strictly more likely already reach top_p.
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        drop[:, 0] = False
-        logits = logits.masked_fill(drop.scatter(-1, sorted_idx, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +30,13 @@ import torch
 from model.checkpoint import PRETRAIN_FORMAT, check_compatible
 from model.config import PretrainConfig, PretrainConfigError
 from model.data import ShardError, ShardLoader, check_shards
+from model.generate import Engine, Request, SamplingParams
 from model.gpt import GPT
 from model.runtime import DistInfo, MicroBatch, ProgressFn, TrainingRun, log, peak_flops, train
 from pipeline.files import PRETRAIN, config_hash
 from pipeline.shards import TokenDataset, verify
 
 
-@torch.no_grad()
 def sample_text(
     model: GPT,
     prompt_ids: list[int],
@@ -45,17 +44,17 @@ def sample_text(
     step: int,
     device: torch.device,
     autocast: contextlib.AbstractContextManager,
-    decode: Callable[[list[int]], str],
+    encoding: Any,
 ) -> str:
-    """One generation from the prompt, with its own generator: the training RNG is untouched."""
+    """One generation from the prompt, seeded by the step: the training RNG is untouched."""
     was_training = model.training
-    model.eval()
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + step)
-    idx = torch.tensor([prompt_ids[-model.config.block_size :]], device=device)
+    params = SamplingParams(max_tokens=cfg.sample_tokens, temperature=1.0, top_k=200, top_p=1.0,
+                            frequency_penalty=0.0, seed=cfg.seed + step)
+    prompt = prompt_ids[-(model.config.block_size - 1) :]
     with autocast:
-        out = model.generate(idx, cfg.sample_tokens, temperature=1.0, top_k=200, generator=gen)
+        (done,) = Engine(model, encoding, device).generate([Request(prompt, params)])
     model.train(was_training)
-    return decode(out[0, idx.size(1) :].tolist())
+    return done.text
 
 
 def _check_data(dataset: TokenDataset, cfg: PretrainConfig, dist_info: DistInfo) -> None:
@@ -68,13 +67,13 @@ def _check_data(dataset: TokenDataset, cfg: PretrainConfig, dist_info: DistInfo)
         raise ShardError(f"dataset {dataset.path} failed verification: " + "; ".join(problems))
 
 
-def _encoder(cfg: PretrainConfig) -> tuple[list[int], Callable[[list[int]], str]]:
-    """The sample prompt's tokens and the decoder; fails fast if the vocabulary is missing."""
+def _encoder(cfg: PretrainConfig) -> tuple[list[int], Any]:
+    """The sample prompt's tokens and the encoding; fails fast if the vocabulary is missing."""
     from pipeline.encoding import EOT_ID, get_encoding
 
     enc = get_encoding(cfg.vocab_dir)
     ids = enc.encode(cfg.sample_prompt, allowed_special="all") or [EOT_ID]
-    return ids, enc.decode
+    return ids, enc
 
 
 class Pretraining(TrainingRun):
@@ -117,9 +116,9 @@ class Pretraining(TrainingRun):
             log.warning("the val split of %s has no window of %d tokens: no validation loss",
                         self.dataset.path, T + 1)
         self.sample_prompt: list[int] = []
-        self.decode: Callable[[list[int]], str] | None = None
+        self.encoding: Any = None
         if cfg.sample_every:  # every rank: a missing vocabulary fails them all, not just rank 0
-            self.sample_prompt, self.decode = _encoder(cfg)
+            self.sample_prompt, self.encoding = _encoder(cfg)
         self.compile, self.sample_every = cfg.compile, cfg.sample_every
         self.peak = peak_flops(self.device)
         return GPT(gpt_config).to(self.device)
@@ -132,10 +131,10 @@ class Pretraining(TrainingRun):
         return self.val_loader.first_batches(self.eval_batches) if self.eval_batches else None
 
     def sample(self) -> None:
-        if self.decode is None or not self.dist.main:
+        if self.encoding is None or not self.dist.main:
             return
         text = sample_text(self.raw, self.sample_prompt, self.cfg, self.step, self.device,
-                           self.autocast, self.decode)
+                           self.autocast, self.encoding)
         self.metrics.write({"kind": "sample", "step": self.step, "prompt": self.cfg.sample_prompt,
                             "text": text, "time": time.time()})
         log.info("step %d | sample: %r", self.step, self.cfg.sample_prompt + text)

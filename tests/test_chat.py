@@ -17,8 +17,9 @@ import torch
 from conftest import VOCAB
 from test_finetune import ANSWER, taught_workdir
 
-from model.chat import Chat, GenerationSettings, chat_prompt, run_chat
-from model.gpt import GPT, GPTConfig
+from model.chat import STOP_STRINGS, Chat, GenerationSettings, chat_prompt, run_chat
+from model.generate import TextStream
+from model.gpt import GPT
 from model.inference import format_prompt, load_model
 from pipeline.encoding import EOT_ID, get_encoding
 
@@ -40,17 +41,6 @@ def model(taught: Path) -> GPT:
     return load_model(taught)[0]
 
 
-class Scripted(GPT):
-    """A GPT whose stream() yields fixed tokens: for the text handling around generation."""
-
-    def __init__(self, tokens: list[int]) -> None:
-        super().__init__(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=64))
-        self.tokens = tokens
-
-    def stream(self, idx, max_new_tokens, **kwargs):  # noqa: ANN001 - GPT.stream's signature
-        yield from self.tokens[:max_new_tokens]
-
-
 def test_first_turn_is_the_training_prompt(enc) -> None:
     assert chat_prompt([], "Name a fruit.") == format_prompt("Name a fruit.")
     two = chat_prompt([("Name a fruit.", "Apple.")], "Another?")
@@ -63,18 +53,19 @@ def test_greedy_reply_streams_with_the_kv_cache(model: GPT, enc) -> None:
     chat = Chat(model, enc, GenerationSettings(temperature=0, max_new_tokens=12))
     lengths: list[int] = []
     hook = model.register_forward_hook(lambda m, args, out: lengths.append(args[0].size(1)))
+    pieces: list[str] = []
     try:
-        pieces = list(chat.reply("Name item 3: cloud sand"))
+        assert chat.reply("Name item 3: cloud sand", pieces.append) == ANSWER
     finally:
         hook.remove()
     assert "".join(pieces) == ANSWER and len(pieces) > 3  # token by token, not at the end
     prompt = enc.encode_ordinary(format_prompt("Name item 3: cloud sand"))
     assert lengths[0] == len(prompt) and set(lengths[1:]) == {1}  # prefill, then one token each
-    # the same answer as generating without a cache
-    out = model.generate(torch.tensor([prompt]), 12, temperature=0, eos_id=EOT_ID, use_cache=False)[
-        0, len(prompt) :
-    ].tolist()
-    assert enc.decode(out[: out.index(EOT_ID)]) == ANSWER
+    # the same answer as greedy full forwards without a cache
+    seq = list(prompt)
+    while seq[-1] != EOT_ID and len(seq) < len(prompt) + 12:
+        seq.append(int(model(torch.tensor([seq]))[0][0, -1].argmax()))
+    assert enc.decode(seq[len(prompt) : -1]) == ANSWER
     assert chat.turns == [("Name item 3: cloud sand", ANSWER)]
 
 
@@ -92,10 +83,15 @@ def test_oldest_turns_are_dropped_to_fit(model: GPT, enc) -> None:
 
 
 def test_stop_strings_and_split_characters(enc) -> None:
-    text = "Paris.\n\n### Instruction:\nAnd Rome?"
-    chat = Chat(Scripted(enc.encode_ordinary(text)), enc)
-    assert "".join(chat.reply("Capital of France?")) == "Paris."
-    assert chat.turns[-1] == ("Capital of France?", "Paris.")
+    """The chat's text stream: cut at the model's own next instruction, whole characters only."""
+
+    def streamed(text: str) -> list[str]:
+        stream = TextStream(enc, STOP_STRINGS)
+        pieces = [stream.push(t) for t in enc.encode_ordinary(text)] + [stream.close().rstrip()]
+        return [p for p in pieces if p]
+
+    assert "".join(streamed("Paris.\n\n### Instruction:\nAnd Rome?")) == "Paris."
+    assert "".join(streamed("Use ## for a heading")) == "Use ## for a heading"
     text = "Use ## for a heading: naïve 日本 🎉"
     tokens = enc.encode_ordinary(text)
 
@@ -107,8 +103,8 @@ def test_stop_strings_and_split_characters(enc) -> None:
         return False
 
     assert any(partial(t) for t in tokens)  # some character spans tokens
-    pieces = list(Chat(Scripted(tokens), enc).reply("Markdown?"))
-    assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
+    pieces = streamed(text)
+    assert "".join(pieces) == text and len(pieces) > 3 and all("\ufffd" not in p for p in pieces)
 
 
 def test_settings_parse_and_validate() -> None:
@@ -148,7 +144,7 @@ def test_commands(model: GPT, enc) -> None:
     text = out.getvalue()
     assert f"assistant> {ANSWER}\n" in text
     assert "(temperature = 0.5)" in text and "top_p must be in (0, 1]" in text
-    assert "temperature 0.5, top_k 50" in text and "(conversation cleared)" in text
+    assert "temperature 0.5, top_k None" in text and "(conversation cleared)" in text
     assert "/reset" in text.split("cleared")[1]  # the help
     assert chat.turns == [] and chat.settings.temperature == 0.5
 

@@ -172,3 +172,11 @@ def test_padded_vocabulary_rows_are_never_sampled(enc) -> None:
     engine = Engine(model, enc, "cpu")
     out = engine.generate([Request([0], GREEDY), Request([0], SamplingParams(max_tokens=20))])
     assert max(out[0].tokens + out[1].tokens) < VOCAB_SIZE
+
+
+def test_top_k_1_and_tiny_top_p_sample_the_greedy_answer(engine: Engine) -> None:
+    prompt = prompts(8)[0]
+    greedy = engine.generate([Request(prompt, GREEDY)])[0].tokens
+    for kw in ({"top_k": 1}, {"top_p": 1e-6}):
+        p = SamplingParams(temperature=1.0, frequency_penalty=0.0, seed=0, **kw)
+        assert engine.generate([Request(prompt, p)])[0].tokens == greedy
