@@ -17,7 +17,6 @@ with `data: [DONE]`, or not), GET /health. Errors have OpenAI's shape:
 from __future__ import annotations
 
 import asyncio
-import codecs
 import hmac
 import json
 import logging
@@ -38,10 +37,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from model.generate import Completion, Engine, SamplingParams
+from model.generate import Completion, Engine, SamplingParams, TextStream
 from model.generate import Request as EngineRequest
 from model.inference import STOP_STRINGS, format_chat
-from pipeline.encoding import EOT_ID
 
 log = logging.getLogger(__name__)
 
@@ -254,46 +252,6 @@ class BatchWorker(threading.Thread):
             job.put("done", completion)
 
 
-# ---------------------------------------------------------------- streamed text
-
-
-class TextDeltas:
-    """Token ids -> pieces of text safe to show: whole characters, and never the start of a
-    stop string (held back until it is clearly not one). The final Completion's text is the
-    authority: finish() returns whatever of it was not sent yet."""
-
-    def __init__(self, enc: Any, stops: tuple[str, ...]) -> None:
-        self.enc, self.stops = enc, stops
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.text, self.sent, self.ended = "", 0, False
-
-    def push(self, token: int) -> str:
-        if self.ended or token == EOT_ID:
-            return ""
-        self.text += self.decoder.decode(self.enc.decode_single_token_bytes(token))
-        cuts = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
-        if cuts:
-            self.ended, safe = True, min(cuts)
-        else:
-            safe = len(self.text) - self._held_back()
-        delta = self.text[self.sent : max(self.sent, safe)]
-        self.sent += len(delta)
-        return delta
-
-    def _held_back(self) -> int:
-        longest = max((len(s) for s in self.stops), default=1) - 1
-        for n in range(min(len(self.text), longest), 0, -1):
-            if any(s.startswith(self.text[-n:]) for s in self.stops):
-                return n
-        return 0
-
-    def finish(self, final: str) -> str:
-        if not final.startswith(self.text[: self.sent]):
-            log.warning("streamed text is not a prefix of the final answer")
-            return ""
-        return final[self.sent :]
-
-
 # ---------------------------------------------------------------- the app
 
 
@@ -459,7 +417,7 @@ class Reply:
     def __init__(self, server: ChatServer, job: Job, model: str, chat: bool,
                  stops: tuple[str, ...]) -> None:
         self.job, self.model, self.chat = job, model, chat
-        self.deltas = TextDeltas(server.enc, stops)
+        self.stream = TextStream(server.enc, stops)
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
@@ -471,6 +429,11 @@ class Reply:
                 return value
             if kind == "error":
                 raise APIError(500, f"generation failed: {value}", type="server_error")
+
+    def _final(self, text: str) -> str:
+        """A chat answer ends without the blank lines the prompt format puts before a turn
+        (as in `forge chat`); a plain completion is left as generated."""
+        return text.rstrip() if self.chat else text
 
     def _usage(self, completion: Completion) -> dict[str, int]:
         made = len(completion.tokens)
@@ -489,7 +452,8 @@ class Reply:
     def body(self, completion: Completion) -> dict[str, Any]:
         return {"id": self.id, "object": self.object, "created": self.created,
                 "model": self.model,
-                "choices": [self._choice(completion.text, completion.finish_reason, False)],
+                "choices": [self._choice(self._final(completion.text), completion.finish_reason,
+                                         False)],
                 "usage": self._usage(completion)}
 
     def _chunk(self, choice: dict | None, usage: dict | None = None) -> str:
@@ -508,14 +472,14 @@ class Reply:
             while True:
                 kind, value = await self.job.events.get()
                 if kind == "token":
-                    if delta := self.deltas.push(value):
+                    if delta := self.stream.push(value):
                         yield self._chunk(self._choice(delta, None, True))
                 elif kind == "error":
                     error = APIError(500, f"generation failed: {value}", type="server_error")
                     yield f"data: {json.dumps(error.body())}\n\n"
                     break
                 else:
-                    if rest := self.deltas.finish(value.text):
+                    if rest := self._final(self.stream.close()):
                         yield self._chunk(self._choice(rest, None, True))
                     yield self._chunk(self._choice(None, value.finish_reason, True))
                     if include_usage:
