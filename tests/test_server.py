@@ -360,3 +360,30 @@ def test_browser_chats_with_streamed_answer(taught_server: Server, tmp_path: Pat
         expect(page.locator(".assistant")).to_have_count(0)
         browser.close()
     assert (tmp_path / "chat.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_browser_stop_button_ends_the_answer(chaotic_server: Server) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    before = chaotic_server.health()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), headless=True,
+                                    args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(chaotic_server.url + "/")
+        page.get_by_text("Settings").click()
+        page.fill("#api_key", KEY)
+        page.dispatch_event("#api_key", "change")
+        expect(page.locator("#model")).to_contain_text("context 1024")
+        page.locator("#input").fill("Tell me a very long story.")  # ~1,000 tokens if let run
+        page.keyboard.press("Enter")
+        expect(page.locator(".assistant")).not_to_have_text("", timeout=30_000)
+        page.get_by_role("button", name="Stop").click()
+        expect(page.locator(".note")).to_have_text("(stopped)")
+        expect(page.locator("#send")).to_be_enabled()
+        browser.close()
+    deadline = time.monotonic() + 30
+    while (stats := chaotic_server.health())["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stats["cancelled"] == before["cancelled"] + 1  # the server stopped generating too
