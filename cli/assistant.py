@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -62,7 +63,11 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     sub.add_argument("checkpoint", metavar="CHECKPOINT", help=CHECKPOINT_HELP)
     sub.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     sub.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free one")
-    sub.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests")
+    sub.add_argument(
+        "--api-key",
+        default=os.environ.get("FORGE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/ requests (default: $FORGE_API_KEY)",
+    )
     sub.add_argument("--model-name", default="forge", help="the model id clients name")
     sub.add_argument("--max-batch", type=int, help="most requests answered together (32)")
     sub.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -183,6 +188,9 @@ def serve_chat(args: argparse.Namespace) -> int:
     device = _device(args.device)
     if args.max_batch is not None and args.max_batch < 1:
         raise ValueError(f"--max-batch must be at least 1, got {args.max_batch}")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach this "
+              "machine can use the model", file=sys.stderr)
     extra = {} if args.max_batch is None else {"max_batch": args.max_batch}
     serve(args.checkpoint, args.host, args.port, args.api_key, device, args.model_name,
           args.vocab_dir, **extra)
