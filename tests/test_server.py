@@ -355,6 +355,12 @@ def test_browser_chats_with_streamed_answer(taught_server: Server, tmp_path: Pat
         page.keyboard.press("Enter")
         expect(page.locator(".assistant")).to_have_count(2)
         expect(page.locator(".assistant").nth(1)).to_have_text(ANSWER, timeout=30_000)
+        # a turn that fits the 128-token context alone but not after the others: the page
+        # drops the oldest turns, as `forge chat` does, and says so
+        page.keyboard.type("Repeat: " + "word " * 50)
+        page.keyboard.press("Enter")
+        expect(page.locator(".note").first).to_contain_text("oldest turn no longer fits")
+        expect(page.locator(".assistant")).to_have_count(3, timeout=30_000)
         page.screenshot(path=str(tmp_path / "chat.png"))
         page.get_by_role("button", name="New chat").click()
         expect(page.locator(".assistant")).to_have_count(0)
