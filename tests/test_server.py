@@ -361,6 +361,7 @@ def test_browser_chats_with_streamed_answer(taught_server: Server, tmp_path: Pat
         page.keyboard.press("Enter")
         expect(page.locator(".note").first).to_contain_text("oldest turn no longer fits")
         expect(page.locator(".assistant")).to_have_count(3, timeout=30_000)
+        expect(page.locator("#send")).to_be_enabled(timeout=30_000)
         page.screenshot(path=str(tmp_path / "chat.png"))
         page.get_by_role("button", name="New chat").click()
         expect(page.locator(".assistant")).to_have_count(0)
