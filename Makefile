@@ -6,7 +6,7 @@ VENV := .venv
 # pip's configuration here lists local indexes that may not exist: hide that noise only
 PIP_QUIET := 2>&1 | { grep -v 'is ignored: it is neither' || true; }
 
-.PHONY: setup demo test test-quick lint bench clean
+.PHONY: setup demo test test-quick lint bench bench-smoke clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ bench: setup
 	$(VENV)/bin/pip install -q -e '.[dev,bench]' $(PIP_QUIET)
 	$(VENV)/bin/python bench/tokenize_throughput.py
 	$(VENV)/bin/python bench/prepare_throughput.py
+
+bench-smoke: setup
+	$(VENV)/bin/pip install -q -e '.[dev,bench]' $(PIP_QUIET)
+	$(VENV)/bin/python bench/smoke.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from common import RESULTS, machine_info, measure, print_table, write_json
 
-from pipeline.config import PRESETS, FilterConfig, load_config
+from configs.run import data_config, load_run_config
+from pipeline.config import PRESETS, FilterConfig
 from pipeline.documents import iter_documents
 from pipeline.filter import SourceFilters
 
@@ -46,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def settings(config: Path) -> tuple[FilterConfig, str]:
     if config.exists():
-        cfg = load_config(config).data.filter
+        cfg = data_config(load_run_config(config)).data.filter
         if cfg.per_source:
             return cfg, str(config)
     return FilterConfig(per_source=RECOMMENDED), "bench/filter_report.py RECOMMENDED"

@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "prefect_overhead",
         "machine": machine,
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-        "config": str(args.config.relative_to(REPO)),
+        "config": str(args.config),
         "workers": args.workers,
         "repeats": args.repeats,
         "fingerprint": next(iter(fingerprints["direct"])),

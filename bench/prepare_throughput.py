@@ -148,7 +148,7 @@ def print_report(title: str, stages: dict, total: float, by_source: dict) -> Non
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from pipeline.config import load_config
+    from configs.run import data_config, load_run_config
 
     args.config = args.config.resolve()
     os.chdir(REPO)  # the demo config's paths (../shared/data/...) are relative to the repo root
@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict] = []
     for rep in range(args.repeats):
         tmp = Path(tempfile.mkdtemp(prefix="forge-bench-prepare-"))
-        cfg = load_config(args.config, {"workdir": str(tmp / "work"), "workers": args.workers})
+        cfg = data_config(load_run_config(
+            args.config, {"workdir": str(tmp / "work"), "workers": args.workers}))
         try:
             timings, manifests = run_prepare(cfg)
             by_source = extraction_by_source(Path(cfg.workdir))

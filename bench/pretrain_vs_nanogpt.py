@@ -246,6 +246,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1337, help="init and data order, both sides")
     parser.add_argument("--workdir", default=str(REPO / "runs" / "bench-books"))
+    parser.add_argument("--steps", type=int, default=0,
+                        help="a quick check: stop every side after this many steps")
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--out", default=str(RESULTS / "pretrain_vs_nanogpt.json"))
     args = parser.parse_args()
@@ -282,6 +284,9 @@ def main() -> None:
         )
         sides.append(ForgeSide(name, recipes[name], workdir / name.replace(":", "-")))
         print(f"{name}: {recipes[name].model_dump(exclude_unset=True)}")
+    if args.steps:
+        for side in sides:
+            side.max_steps = min(side.max_steps, args.steps)
     before = {s.name: held_out_loss(s.model, val, args.eval_windows) for s in sides}
     result = train_interleaved(sides, args.log_every)
     after = {s.name: held_out_loss(s.model, val, args.eval_windows) for s in sides}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cli.common import load_run_config
 from pipeline.files import WorkFolder
-from pipeline.registry import STAGES
+from pipeline.registry import STAGE_NAMES, STAGES
 
 log = logging.getLogger("forge")
 
@@ -51,9 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     stage_opts = argparse.ArgumentParser(add_help=False, parents=[common])
     stage_opts.add_argument("--config", required=True, help="YAML run config")
     stage_opts.add_argument("--workdir", help="output folder (replaces the config's workdir)")
-    stage_opts.add_argument("--source", action="append", metavar="PATH_OR_URL_OR_GLOB",
-                            help="replaces the config's sources; repeatable")
-    stage_opts.add_argument("--workers", type=int, help="worker processes")
+    stage_opts.add_argument("--source", action="append", metavar="[NAME=]PATH_OR_URL_OR_GLOB",
+                            help="replaces the config's sources; repeatable; NAME picks the "
+                            "filter rules (filter.per_source.NAME)")
+    stage_opts.add_argument("--workers", type=at_least_one, help="worker processes")
     stage_opts.add_argument("--overwrite", action="store_true",
                             help="discard this stage's output made with another config")
     for spec in STAGES:
@@ -87,18 +88,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def at_least_one(text: str) -> int:
+    """An argparse type: a count of processes (0 would silently fall back to the config)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 # ---------------------------------------------------------------- data stages
 
 
 def run_stages(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError
+    from pipeline.download import with_source_presets
     from pipeline.registry import prepare_stages, stage_function
 
-    cfg = load_run_config(args)
+    cfg, preset_lines = with_source_presets(load_run_config(args))
     stages = args.stages or prepare_stages(cfg)
     for name in set(stages) - set(prepare_stages(cfg)):
         raise ConfigError(f"the {name} stage is disabled by the config; set "
                           f"data.{name}.enabled: true to run it")
+    if "filter" in stages and not args.quiet:
+        print("\n".join(preset_lines))
     for name in stages:
         started = time.perf_counter()
         with progress_bar(name, quiet=args.quiet) as progress:
@@ -157,9 +172,24 @@ def dataset_path(path: str) -> Path:
 
 
 def show_stats(args: argparse.Namespace) -> int:
-    from pipeline.stats import dataset_stats, plot_doc_lengths, render_stats
+    from pipeline.stats import (
+        dataset_stats,
+        partial_stats,
+        plot_doc_lengths,
+        render_partial_stats,
+        render_stats,
+    )
 
     path = dataset_path(args.path)
+    work = WorkFolder(args.path)
+    unfinished = any(work.stage(name).is_dir() for name in STAGE_NAMES)
+    if unfinished and not (path / "zarr.json").exists():  # a run that failed or is under way
+        stats = partial_stats(work.root)
+        if args.json:
+            print(json.dumps(stats, indent=1))
+        else:
+            render_partial_stats(stats)
+        return 0
     stats = dataset_stats(path)
     plot = Path(args.plot) if args.plot else path.parent / "doc_lengths.png"
     plot_doc_lengths(path, plot)

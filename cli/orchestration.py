@@ -69,10 +69,25 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     sub.set_defaults(handler=run_build)
 
 
-def start_server(args: argparse.Namespace) -> int:
-    env = {**os.environ, **prefect_environment(args.home)}
+def server_environment(args: argparse.Namespace) -> dict[str, str]:
+    """The server's environment: its address from the flags, and the API URL its UI calls.
+
+    Prefect's UI asks /ui-settings where the API is; unset, that is PREFECT_API_URL or
+    127.0.0.1:4200 whatever --host and --port say. Bound to every address (0.0.0.0, ::), the
+    UI calls its own origin (`/api`): the address each browser used is the right one.
+    """
+    env = {**os.environ, **prefect_environment(args.home),
+           "PREFECT_SERVER_API_HOST": args.host, "PREFECT_SERVER_API_PORT": str(args.port)}
     if args.database_url:
         env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = args.database_url
+    if "PREFECT_UI_API_URL" not in os.environ:  # a reverse proxy's URL is the user's to set
+        wildcard = args.host in ("0.0.0.0", "::", "")
+        env["PREFECT_UI_API_URL"] = "/api" if wildcard else api_url(args.host, args.port)
+    return env
+
+
+def start_server(args: argparse.Namespace) -> int:
+    env = server_environment(args)
     Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     where = "Postgres" if args.database_url else f"{env['PREFECT_HOME']}/prefect.db"
     print(f"forge: Prefect UI at http://{args.host}:{args.port}, database {where}; "

@@ -51,6 +51,20 @@ def stage_rows(summary: dict) -> list[dict]:
     return rows
 
 
+def summary_line(name: str, summary: dict, workdir: str, cached: bool) -> str:
+    """The stage's numbers in one log line: what `forge prepare` prints as a table."""
+    unit = summary.get("count_unit", "docs")
+    dropped = summary.get("dropped", {})
+    reasons = ", ".join(f"{k}: {v}" for k, v in dropped.items())
+    repaired = ", ".join(f"{k}: {v}" for k, v in summary.get("repaired", {}).items())
+    return (f"{name}{' (cached)' if cached else ''}: {summary['docs_in']} {unit} in, "
+            f"{summary['docs_out']} out, {sum(dropped.values())} dropped"
+            f"{f' ({reasons})' if reasons else ''}{f'; repaired {repaired}' if repaired else ''}"
+            f"; {_mb(summary['bytes_in'])} MB in, {_mb(summary['bytes_out'])} MB out; "
+            f"{summary['units']} units, {summary.get('wall_seconds')} s; output "
+            f"{WorkFolder(workdir).stage(name)}")
+
+
 def publish_stage_table(name: str, summary: dict, workdir: str, cached: bool) -> None:
     how = "skipped, the cached result of an identical earlier run" if cached else "ran"
     create_table_artifact(
@@ -96,14 +110,20 @@ def dataset_markdown(stats: dict) -> str:
         "",
         "## Stages",
         "",
-        "| stage | in | out | dropped or repaired, by reason | MB out | s |",
-        "|---|---:|---:|---|---:|---:|",
+        "| stage | in | out | dropped | MB out | s |",
+        "|---|---:|---:|---:|---:|---:|",
+        *(f"| {row['stage']} | {row['in']:,} {row['unit']} | {row['out']:,} | "
+          f"{sum(row['dropped'].values()):,} | {row['mb_out']} | {row['seconds']} |"
+          for row in stats["stages"]),
+        "",
+        "## Dropped and repaired, by reason",
+        "",
+        "| stage | reason | count |",  # one row per reason: a long list never runs off the page
+        "|---|---|---:|",
     ]
     for row in stats["stages"]:
-        reasons = [f"{k} {v}" for k, v in row["dropped"].items()]
-        reasons += [f"repaired {k} {v}" for k, v in row["repaired"].items()]
-        lines.append(f"| {row['stage']} | {row['in']:,} {row['unit']} | {row['out']:,} | "
-                     f"{', '.join(reasons) or '-'} | {row['mb_out']} | {row['seconds']} |")
+        lines += [f"| {row['stage']} | {k} | {v:,} |" for k, v in row["dropped"].items()]
+        lines += [f"| {row['stage']} | repaired: {k} | {v:,} |" for k, v in row["repaired"].items()]
     lines += ["", f"Inspect it with `forge stats {stats['dataset']}` and "
               f"`forge verify {stats['dataset']}`."]
     return "\n".join(lines)

@@ -17,7 +17,7 @@ DEFAULT_HOME = Path("runs") / "prefect"
 
 
 def api_url(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> str:
-    return f"http://{host}:{port}/api"
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/api"
 
 
 def prefect_environment(home: Path, api: str | None = None) -> dict[str, str]:

@@ -22,7 +22,12 @@ from prefect import Flow, flow, get_run_logger, task
 from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.context import TaskRunContext
 
-from flows.artifacts import progress_artifact, publish_dataset, publish_stage_table
+from flows.artifacts import (
+    progress_artifact,
+    publish_dataset,
+    publish_stage_table,
+    summary_line,
+)
 from flows.common import resolve_config, start_flow_process
 from pipeline.config import ForgeConfig
 from pipeline.contract import StageError
@@ -70,16 +75,19 @@ def matches_disk(cfg: ForgeConfig, name: str, summary: dict) -> bool:
 
 def stage(name: str, cfg: ForgeConfig, overwrite: bool = False) -> dict:
     """Run a stage task (or take its cached result), then publish its artifacts."""
+    log = get_run_logger()
+    log.info("%s: starting in %s", name, WorkFolder(cfg.workdir).stage(name))
     runner = run_stage.with_options(result_storage=WorkFolder(cfg.workdir).prefect_cache,
                                     refresh_cache=overwrite)
     state = runner(name, cfg, overwrite, return_state=True)
     summary = state.result()
     cached = state.name == "Cached"
     if cached and not matches_disk(cfg, name, summary):
-        get_run_logger().warning("the cached %s result no longer matches %s; running the stage "
+        log.warning("the cached %s result no longer matches %s; running the stage "
                                  "again", name, WorkFolder(cfg.workdir).stage(name))
         summary = runner.with_options(refresh_cache=True)(name, cfg, overwrite)
         cached = False
+    log.info(summary_line(name, summary, cfg.workdir, cached))
     publish_stage_table(name, summary, cfg.workdir, cached)
     if name == "tokenize":
         publish_dataset(cfg.workdir)

@@ -228,7 +228,7 @@ def run_chat(
         if not line:
             continue
         if line.startswith("/"):
-            command, *args = line[1:].split()
+            command, *args = line[1:].split() or [""]
             if command in ("exit", "quit"):
                 return 0
             if command == "reset":
@@ -243,6 +243,9 @@ def run_chat(
             elif command == "settings":
                 print(f"({chat.settings.describe()})", file=out, flush=True)
             else:
+                if command != "help":
+                    print(f"(unknown command or arguments: {line}; the commands are below)",
+                          file=out, flush=True)
                 print(HELP, file=out, flush=True)
             continue
         before = chat.dropped_turns

@@ -1,8 +1,8 @@
 """Atomic training checkpoints: the newest K, each complete or ignored.
 
     checkpoints/
-      ckpt-000100.pt      torch.save of the state (written as .ckpt-000100.pt.<random>.tmp,
-                          fsynced, renamed)
+      ckpt-000100.pt      torch.save of the state (written as
+                          .ckpt-000100.pt.w<pid>@<host>.<random>.tmp, fsynced, renamed)
       ckpt-000100.json    sidecar: step, size and sha256 of the .pt; written last, atomically
 
 A checkpoint counts only once its sidecar exists and the .pt has the size the sidecar records,
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.files import atomic_write, atomic_write_json, sha256_file
+from pipeline.files import atomic_write, atomic_write_json, remove_stale_temps, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,7 @@ class CheckpointManager:
     def save(self, step: int, state: dict[str, Any]) -> Path:
         """Write the checkpoint of `step` atomically, then its sidecar, then prune old ones."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        for stale in self.folder.glob(".ckpt-*.tmp"):  # left by a killed save
-            stale.unlink(missing_ok=True)
+        remove_stale_temps(self.folder)  # left by a killed save
         final = self.path_for(step)
         t0 = time.perf_counter()
         atomic_write(final, lambda tmp: torch.save(state, tmp))

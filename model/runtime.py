@@ -52,7 +52,7 @@ from model.evaluate import val_loss
 from model.gpt import PEAK_BF16_FLOPS
 from model.optim import build_optimizer, lr_multiplier
 from model.stopping import GracefulStop
-from pipeline.files import WorkFolder, atomic_write_json
+from pipeline.files import WorkFolder, atomic_write_json, remove_stale_temps
 
 log = logging.getLogger("model.runtime")
 
@@ -318,6 +318,8 @@ class TrainingRun:
         rerunning resumes, overwrite starts over."""
         if overwrite and self.dist.main:
             fresh_start(self.work, self.stage)
+        if self.dist.main and (removed := remove_stale_temps(self.work.stage(self.stage))):
+            log.info("%s: removed %d temporary files of dead writers", self.stage, removed)
         if self.dist.enabled:
             dist.barrier()
         latest = self.dist.broadcast(None if overwrite else self.checkpoints.latest())

@@ -85,8 +85,13 @@ class Pretraining(TrainingRun):
     def build(self, saved: dict | None) -> torch.nn.Module:
         cfg, dist_info = self.cfg, self.dist
         # data first: a bad dataset fails before any model is built
+        dataset = cfg.dataset_path(self.work.root)
+        if not cfg.dataset and not (dataset / "zarr.json").exists():
+            raise ShardError(f"no token dataset at {dataset}: run `forge prepare --config "
+                             "YOUR_CONFIG` first (its tokenize stage writes it), or set "
+                             "pretrain.dataset to an existing dataset.zarr")
         try:
-            self.dataset = TokenDataset(cfg.dataset_path(self.work.root))
+            self.dataset = TokenDataset(dataset)
         except ValueError as e:
             raise ShardError(str(e)) from None
         _check_data(self.dataset, cfg, dist_info)

@@ -40,6 +40,10 @@ class SourceConfig(Strict):
     max_docs: int | None = Field(
         default=None, ge=1, description="Stop after this many documents (hf:// only)."
     )
+    optional: bool = Field(
+        default=False, description="Run without this source when it matches no file (a counted "
+        "drop); otherwise a source that matches nothing fails the run before any work."
+    )
 
     @field_validator("uri")
     @classmethod
@@ -65,7 +69,8 @@ class DownloadConfig(Strict):
 
 class ExtractConfig(Strict):
     strip_gutenberg: bool = Field(
-        default=True, description="Cut Project Gutenberg START/END licence boilerplate."
+        default=True, description="Cut Project Gutenberg licence boilerplate (START/END markers, "
+        "the old-style 'End of the Project Gutenberg EBook' line) and opening producer credits."
     )
     max_doc_mb: float = Field(
         default=20.0, gt=0, description="Documents larger than this are dropped (too_large)."

@@ -11,6 +11,8 @@ from __future__ import annotations
 import bz2
 import gzip
 import hashlib
+import json
+import logging
 import re
 from pathlib import Path
 
@@ -22,6 +24,9 @@ from pipeline.documents import PartWriter, map_stage_fingerprint, read_part, run
 from pipeline.files import WorkFolder, atomic_write_bytes
 from pipeline.instructions import load_records, split_records
 
+log = logging.getLogger(__name__)
+
+INDEX_ARRAYS = ("table", "labels")  # each written atomically; both there: the index is whole
 WORD = re.compile(r"[A-Za-z0-9]+")  # ASCII words: spans stay valid in the original text
 _MULTIPLIER = np.uint64(0x100000001B3)  # FNV prime: mixes word hashes into n-gram hashes
 
@@ -158,9 +163,8 @@ def _cut(text: str, matches: list[re.Match], hits: np.ndarray, n: int, margin: i
     return "\n".join(p.strip() for p in pieces if p.strip())
 
 
-def decontaminate_fingerprint(cfg: ForgeConfig) -> str:
-    """The section, its input and the evaluation files' contents (they decide the index)."""
-    section = cfg.data.decontaminate
+def eval_files_digest(section: DecontaminateConfig) -> str:
+    """sha256 over each evaluation set's name and file contents; fails naming a missing one."""
     if not section.eval_sets:
         raise StageError("decontaminate is enabled but data.decontaminate.eval_sets is empty; "
                          "list the evaluation sets or set enabled: false")
@@ -170,19 +174,39 @@ def decontaminate_fingerprint(cfg: ForgeConfig) -> str:
         if not path.is_file():
             raise StageError(f"decontaminate.eval_sets '{spec.name}': {path} does not exist")
         digest.update(spec.name.encode() + hashlib.sha256(path.read_bytes()).digest())
-    return map_stage_fingerprint(cfg, "decontaminate", section, digest.hexdigest())
+    return digest.hexdigest()
+
+
+def index_key(section: DecontaminateConfig, eval_digest: str) -> str:
+    """What decides the index: the n-gram length, each set's settings but its path, and the
+    files' contents. One index per key, built once and reused by every rerun."""
+    settings = [spec.model_dump(mode="json", exclude={"path"}) for spec in section.eval_sets]
+    payload = json.dumps([section.ngram, settings], sort_keys=True) + eval_digest
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def decontaminate_fingerprint(cfg: ForgeConfig) -> str:
+    """The section, its input and the evaluation files' contents (they decide the index)."""
+    section = cfg.data.decontaminate
+    return map_stage_fingerprint(cfg, "decontaminate", section, eval_files_digest(section))
 
 
 def run_decontaminate(cfg: ForgeConfig, progress: ProgressFn | None = None,
                       overwrite: bool = False) -> dict:
     section = cfg.data.decontaminate
     fingerprint = decontaminate_fingerprint(cfg)  # fails early, naming what is missing
-    index_dir = WorkFolder(cfg.workdir).stage("decontaminate") / "index"
+    index_dir = (WorkFolder(cfg.workdir).stage("decontaminate") / "index"
+                 / index_key(section, eval_files_digest(section)))
     eval_ngrams: dict[str, dict] = {}
 
     def build() -> None:  # only when the stage has work to do
-        table, labels = build_index(section)
-        _save_index(index_dir, {"table": table, "labels": labels})
+        if all((index_dir / f"{name}.npy").is_file() for name in INDEX_ARRAYS):
+            log.info("decontaminate: reusing the evaluation %d-gram index %s", section.ngram,
+                     index_dir)
+            labels = np.load(index_dir / "labels.npy")
+        else:
+            table, labels = build_index(section)
+            _save_index(index_dir, {"table": table, "labels": labels})  # labels last
         counts = np.bincount(labels, minlength=len(section.eval_sets))
         eval_ngrams["eval_ngrams"] = {s.name: int(c) for s, c in
                                       zip(section.eval_sets, counts, strict=True)}

@@ -50,7 +50,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from pipeline.config import DedupeConfig, ForgeConfig
-from pipeline.contract import ProgressFn, Stage, StageError, Unit, UnitResult
+from pipeline.contract import ProgressFn, Stage, StageError, Unit, UnitResult, stage_lock
 from pipeline.documents import PartWriter, map_stage_fingerprint, run_map_stage
 from pipeline.files import (
     WorkFolder,
@@ -370,6 +370,11 @@ def dedupe_fingerprint(cfg: ForgeConfig) -> str:
 def run_dedupe(cfg: ForgeConfig, progress: ProgressFn | None = None,
                overwrite: bool = False) -> dict:
     """Run the dedupe stage (signatures, clusters, documents); return its manifest."""
+    with stage_lock("dedupe", WorkFolder(cfg.workdir).stage("dedupe")):
+        return _run_dedupe(cfg, progress, overwrite)
+
+
+def _run_dedupe(cfg: ForgeConfig, progress: ProgressFn | None, overwrite: bool) -> dict:
     dcfg = cfg.data.dedupe
     if not dcfg.enabled:
         raise StageError("dedupe is disabled in this config (data.dedupe.enabled: false); "

@@ -23,6 +23,8 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+import zstandard
+
 from pipeline.config import DownloadConfig, ForgeConfig, SourceConfig
 from pipeline.contract import ProgressFn, Stage, StageError, Unit, UnitResult, run_stage
 from pipeline.files import (
@@ -35,12 +37,13 @@ from pipeline.files import (
     sha256_file,
     temp_path_for,
 )
+from pipeline.readers import file_format, open_decompressed
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = "forge-data/0.1 (+https://github.com/)"
 PERMANENT_HTTP_ERRORS = {400, 401, 403, 404, 410, 451}
-MAX_UNIT_ID = 150  # a record's temporary name adds ~20 characters; file names stop at 255
+MAX_UNIT_ID = 150  # a record's temporary name adds up to ~50 characters; names stop at 255
 CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)")
 
 
@@ -87,6 +90,72 @@ def _takewhile_plain(parts: tuple[str, ...]):
         yield part
 
 
+# ---------------------------------------------------------------- which rules a source gets
+
+BOOK_BYTES = 150_000  # plain text this long is a book (a novella is ~25k words), not a page
+SNIFF_BYTES = 65_536  # where a Project Gutenberg header would be
+SNIFF_FILES = 16
+
+
+def _sniff_book(path: str) -> str | None:
+    """Why the file is plainly a book (a Project Gutenberg header, or book-length plain
+    text), or None."""
+    fmt, compression = file_format(path)
+    if fmt not in ("text", "html"):
+        return None
+    try:
+        with open(path, "rb") as raw, open_decompressed(raw, compression) as stream:
+            head = stream.read(SNIFF_BYTES)
+            if b"project gutenberg" in head.lower():
+                return f"Project Gutenberg header in {Path(path).name}"
+            if fmt == "text" and len(head) + len(stream.read(BOOK_BYTES)) >= BOOK_BYTES:
+                return f"book-length plain text in {Path(path).name}"
+    except (OSError, EOFError, ValueError, zstandard.ZstdError):
+        return None  # unreadable here: the extract stage counts it as a drop
+    return None
+
+
+def _sniff_source(source: SourceConfig) -> str | None:
+    """Why an unnamed source is plainly not web text (at least half of its first files are
+    books, or it is a Project Gutenberg URL), or None."""
+    kind = source_kind(source.uri)
+    if kind == "url":
+        host = urlparse(source.uri).hostname or ""
+        return "a Project Gutenberg URL" if host.endswith("gutenberg.org") else None
+    if kind != "local":
+        return None
+    files = _expand_local(source.uri)[:SNIFF_FILES]
+    reasons = [r for r in map(_sniff_book, files) if r]
+    return reasons[0] if reasons and 2 * len(reasons) >= len(files) else None
+
+
+def with_source_presets(cfg: ForgeConfig) -> tuple[ForgeConfig, list[str]]:
+    """The config with the books preset for every unnamed source that plainly is not web
+    text, and one line per source saying which filter rules it gets and why."""
+    per_source = dict(cfg.data.filter.per_source)
+    lines: list[str] = []
+    seen: set[str] = set()
+    for source in cfg.data.sources:
+        name = source_name(source)
+        if name in seen:  # sources sharing a name share their rules
+            continue
+        seen.add(name)
+        if name in per_source:
+            preset = per_source[name].get("preset")
+            rules = f"{preset} preset" if preset else "web rules with overrides"
+            lines.append(f"source {name}: {rules} (filter.per_source.{name})")
+        elif source.name is None and (why := _sniff_source(source)):
+            per_source[name] = {"preset": "books"}
+            lines.append(f"source {name}: books preset (not web text: {why}; set "
+                         f"filter.per_source.{name} or --source NAME=PATH to choose)")
+        else:
+            lines.append(f"source {name}: web rules (no filter.per_source.{name})")
+    if per_source != cfg.data.filter.per_source:
+        cfg = cfg.model_copy(deep=True)
+        cfg.data.filter.per_source = per_source
+    return cfg, lines
+
+
 # ---------------------------------------------------------------- planning
 
 
@@ -104,6 +173,9 @@ def plan_units(cfg: ForgeConfig) -> list[Unit]:
             units.append(_unit(prefix, target, kind, source.uri, source))
             continue
         matches = _expand_local(source.uri)
+        if not matches and not source.optional:
+            raise StageError(f"data.sources[{index}] ({source.uri}) matches no file: fix the "
+                             "path, or mark the source `optional: true` to run without it")
         if not matches:
             units.append(_unit(prefix, "no_match", "missing", source.uri, source))
         base = _glob_base(source.uri)
@@ -417,13 +489,14 @@ def run_download(cfg: ForgeConfig, progress: ProgressFn | None = None,
     if not cfg.data.sources:
         raise StageError("data.sources is empty: list at least one source in the config, or "
                          "pass --source PATH_OR_URL_OR_GLOB")
+    planned = plan_units(cfg)  # a required source that matches nothing fails here, before work
 
     def work(stage: Stage) -> dict:
         files_dir = stage.folder / "files"
         files_dir.mkdir(parents=True, exist_ok=True)
         common = {"out_dir": str(files_dir),
                   "download": cfg.data.download.model_dump(mode="json")}
-        units = [Unit(u.id, {**u.payload, **common}) for u in plan_units(cfg)]
+        units = [Unit(u.id, {**u.payload, **common}) for u in planned]
         records = stage.run_units(units, download_unit, cfg.workers, progress,
                                   executor=cfg.executor)
         for index, source in enumerate(cfg.data.sources):

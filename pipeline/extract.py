@@ -8,7 +8,7 @@ members so that a large archive spreads over the workers.
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from pipeline.config import ExtractConfig, ForgeConfig
 from pipeline.contract import ProgressFn, Stage, Unit, UnitResult, run_stage
@@ -18,17 +18,28 @@ from pipeline.readers import Doc, Drop, file_format, list_members, normalize_tex
 from pipeline.registry import input_manifest
 
 _GUTENBERG_START = re.compile(
-    r"^\*{3}\s*START OF (?:THE |THIS )?PROJECT GUTENBERG E-?BOOK.*$", re.I | re.M)
+    r"^\ufeff?\*{3}\s*START OF (?:THE |THIS )?PROJECT GUTENBERG E-?BOOK.*$", re.I | re.M)
+# New style "*** END OF THE PROJECT GUTENBERG EBOOK ...", and the old style's plain line
+# "End of the Project Gutenberg EBook of Opticks, ..." / "End of Project Gutenberg's ...".
 _GUTENBERG_END = re.compile(
-    r"^\*{3}\s*END OF (?:THE |THIS )?PROJECT GUTENBERG E-?BOOK", re.I | re.M)
+    r"^\ufeff?(?:\*{3}\s*END OF (?:THE |THIS )?PROJECT GUTENBERG E-?BOOK"
+    r"|[ \t]*End of (?:the |this )?Project Gutenberg(?:'s)?\b)", re.I | re.M)
+# Producer credits ("Produced by ...", "E-text prepared by ...") opening the book: a
+# paragraph of at most a few lines, up to the first blank line.
+_PRODUCER_CREDITS = re.compile(
+    r"\A\ufeff?\s*(?:Produced by|E-?text prepared by|This e-?(?:text|book) was produced by)"
+    r"\b(?:.*\n){0,5}?.*?(?:\n[ \t\r]*\n|\Z)", re.I)
 
 
 def strip_gutenberg(text: str) -> str:
-    """Keep what lies between the START and END markers (either may be missing)."""
+    """Keep the book: what lies between the START and END markers (either may be missing),
+    without the producer credits that open it."""
     if start := _GUTENBERG_START.search(text):
         text = text[start.end():]
     if end := _GUTENBERG_END.search(text):
         text = text[: end.start()]
+    while credits := _PRODUCER_CREDITS.match(text):
+        text = text[credits.end():]
     return text
 
 
@@ -49,7 +60,7 @@ def extract_unit(payload: dict) -> UnitResult:
             continue
         writer.result.repaired.update(item.repairs)
         writer.keep({
-            "id": f"{payload['source']}/{payload['rel']}/{item.name}",
+            "id": f"{payload['source']}/{PurePosixPath(payload['rel']).parent / item.name}",
             "text": text,
             "source": payload["source"],
             "url": item.url,

@@ -12,7 +12,10 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,11 +34,53 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:16] or "host"
+# `.<final name>.w<pid>@<host>.<random>.tmp`: who wrote a temporary file, to tell a dead
+# writer's leftovers from a live writer's work in progress.
+_TEMP_WRITER = re.compile(r"\.w(\d+)@([A-Za-z0-9-]+)\.[^.]+\.tmp$")
+STALE_FOREIGN_TEMP_S = 3600  # a writer of another host (or of no name) idle this long is dead
+
+
 def temp_path_for(final: Path) -> Path:
-    """A unique sibling name: concurrent writers (an orphaned worker, a rerun) never collide."""
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    """A unique sibling name: concurrent writers (an orphaned worker, a rerun) never collide,
+    and the name says which process writes it."""
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.w{os.getpid()}@{_HOST}.", suffix=".tmp",
+                                dir=final.parent)
     os.close(fd)
     return Path(name)
+
+
+def _writer_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path) -> int:
+    """Delete the temporary files (`*.tmp`) under `folder` whose writer is dead: a process of
+    this host that no longer runs, or any other writer idle for an hour. Every stage calls
+    this at its start, so killed writes do not pile up. Returns how many were removed."""
+    removed = 0
+    for path in sorted(Path(folder).rglob("*.tmp")) if Path(folder).is_dir() else []:
+        writer = _TEMP_WRITER.search(path.name)
+        try:
+            if writer and writer[2] == _HOST:
+                if _writer_alive(int(writer[1])):
+                    continue
+            elif time.time() - path.lstat().st_mtime < STALE_FOREIGN_TEMP_S:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except FileNotFoundError:  # committed or removed meanwhile
+            continue
+        removed += 1
+    return removed
 
 
 def commit(tmp: Path, final: Path) -> None:

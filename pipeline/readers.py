@@ -225,6 +225,7 @@ def _read_parquet(stream: IO[bytes], name: str, max_bytes: int,
 def _read_warc(stream: IO[bytes], name: str, max_bytes: int) -> Iterator[Doc | Drop]:
     """HTML responses through trafilatura; WET conversion records as text; the rest skipped."""
     from warcio.archiveiterator import ArchiveIterator
+    from warcio.recordloader import ArchiveLoadFailed, StatusAndHeadersParserException
 
     number = 0
     try:
@@ -256,8 +257,12 @@ def _read_warc(stream: IO[bytes], name: str, max_bytes: int) -> Iterator[Doc | D
                 yield Drop("empty", name=rec_name)
             else:
                 yield html_to_text(data, rec_name, url)
-    except Exception as e:  # noqa: BLE001 - warcio raises many types for a broken record
+    except (ArchiveLoadFailed, StatusAndHeadersParserException) as e:  # warcio's own words
         yield Drop("corrupt_warc_record", str(e)[:200], name=f"{name}#{number + 1}")
+    except Exception as e:  # noqa: BLE001 - warcio trips on headers it did not expect
+        yield Drop("corrupt_warc_record", "malformed WARC headers: a required header (such as "
+                   "WARC-Target-URI) is missing or the header block is cut off "
+                   f"({type(e).__name__} in warcio)", name=f"{name}#{number + 1}")
 
 
 # ---------------------------------------------------------------- archives

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.files import commit
+from pipeline.files import commit, read_json
 
 FORMAT = "forge-token-shards"
 FORMAT_VERSION = 1
@@ -131,10 +131,17 @@ class TokenDataset:
         import zarr
 
         self.path = Path(path)
-        if not (self.path / "zarr.json").exists():
-            raise FileNotFoundError(f"{self.path} is not a zarr token dataset (no zarr.json); "
-                                    "pass the tokenize stage's dataset.zarr or its work folder")
-        self.attrs = dict(zarr.open_group(str(self.path), mode="r").attrs)
+        meta = self.path / "zarr.json"
+        if not meta.exists():
+            raise FileNotFoundError(
+                f"{self.path} is not a zarr token dataset (no zarr.json); make one with `forge "
+                "prepare --config YOUR_CONFIG`, or pass an existing dataset.zarr or work folder")
+        try:
+            read_json(meta)  # zarr's own JSON error would not name the file
+            self.attrs = dict(zarr.open_group(str(self.path), mode="r").attrs)
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{meta} is corrupt ({e}); rebuild the dataset with `forge tokenize "
+                             "--config YOUR_CONFIG --overwrite`") from None
         if self.attrs.get("format") != FORMAT or "fingerprint" not in self.attrs:
             raise ValueError(f"{self.path} is not a complete forge token dataset "
                              "(no fingerprint in its attributes); rerun `forge tokenize`")

@@ -87,6 +87,17 @@ def stage_stats(workdir: Path) -> list[dict]:
     return rows
 
 
+def partial_stats(workdir: Path) -> dict:
+    """A work folder without a finished dataset: the stages done (with their drops by
+    reason) and the stages under way (units committed), so a failed run can be diagnosed."""
+    folder = WorkFolder(workdir)
+    under_way = {name: len(list((folder.stage(name) / "units").glob("*.json")))
+                 for name in STAGE_NAMES
+                 if folder.stage(name).is_dir() and not folder.manifest(name).exists()}
+    return {"dataset": None, "missing": str(folder.dataset), "stages": stage_stats(workdir),
+            "under_way": under_way}
+
+
 def plot_doc_lengths(path: Path, out: Path) -> None:
     import matplotlib
 
@@ -136,13 +147,32 @@ def render_stats(stats: dict) -> None:
     for source, docs in stats["source_docs"].items():
         mix.add_row(source, f"{docs:,}")
     console.print(mix)
-    stages = Table(title="stages", title_justify="left")
+    console.print(_stages_table(stats["stages"]))
+    console.print(f"document-length histogram: {stats['plot']}")
+
+
+def render_partial_stats(stats: dict) -> None:
+    from rich.console import Console
+
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    console.print(f"[bold]no token dataset yet[/] ({stats['missing']} does not exist)")
+    if stats["stages"]:
+        console.print(_stages_table(stats["stages"], title="stages done"))
+    for name, units in stats["under_way"].items():
+        console.print(f"{name}: under way or failed, {units} units committed")
+    console.print("to finish it: `forge prepare --config YOUR_CONFIG` (it resumes); if a stage "
+                  "dropped every document, first change the sources or the rules its drops name")
+
+
+def _stages_table(rows: list[dict], title: str = "stages"):
+    from rich.table import Table
+
+    stages = Table(title=title, title_justify="left")
     for column in ("stage", "in", "out", "dropped or repaired, by reason", "MB out", "s"):
         stages.add_column(column, justify="left" if column[0] in "sd" else "right")
-    for row in stats["stages"]:
+    for row in rows:
         reasons = [f"{k} {v}" for k, v in row["dropped"].items()]
         reasons += [f"repaired {k} {v}" for k, v in row["repaired"].items()]
         stages.add_row(row["stage"], f"{row['in']:,} {row['unit']}", f"{row['out']:,}",
                        ", ".join(reasons) or "-", str(row["mb_out"]), str(row["seconds"]))
-    console.print(stages)
-    console.print(f"document-length histogram: {stats['plot']}")
+    return stages

@@ -178,8 +178,10 @@ def run_tokenize(cfg: ForgeConfig, progress: ProgressFn | None = None,
                    records[u.id]["outputs"]["sources"]) for u in units]
         plans = plan_shards(loaded, tcfg.shard_tokens, tcfg.val_fraction > 0)
         if not plans:
-            raise StageError("tokenize: the input holds no document; check the sources and the "
-                             "drop counts of `forge stats`")
+            raise StageError(
+                f"tokenize: the input ({docs_dir}) holds no document: every one was dropped "
+                f"or none was found; see the drops by stage and reason with `forge stats "
+                f"{work.root}`, then fix the sources or the filter rules")
         dataset, staging = work.dataset, stage.folder / "staging"
         staging.mkdir(exist_ok=True)
         create_layout(dataset)

@@ -78,3 +78,17 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = small_config(root / "config.yaml", root / "work")
     forge("prepare", "--config", str(config), "--quiet")
     return root / "work"
+
+
+def dead_writer_temp(final: Path) -> Path:
+    """The temporary file of a write killed before its rename: made by a process that is
+    gone (SIGKILLed) by the time this returns."""
+    code = ("import os, signal, sys; from pathlib import Path; "
+            "from pipeline.files import temp_path_for; "
+            "tmp = temp_path_for(Path(sys.argv[1])); tmp.write_bytes(b'partial'); "
+            "print(tmp, flush=True); os.kill(os.getpid(), signal.SIGKILL)")
+    result = subprocess.run([sys.executable, "-c", code, str(final)], cwd=REPO,
+                            capture_output=True, text=True)
+    tmp = Path(result.stdout.strip())
+    assert result.returncode == -9 and tmp.is_file(), result.stderr
+    return tmp

@@ -134,6 +134,8 @@ def test_commands(model: GPT, enc) -> None:
             "/settings",
             "/reset",
             "/bogus",
+            "/help",
+            "/",
             "/exit",
             "never read",
         ]
@@ -146,6 +148,8 @@ def test_commands(model: GPT, enc) -> None:
     assert "(temperature = 0.5)" in text and "top_p must be in (0, 1]" in text
     assert "temperature 0.5, top_k None" in text and "(conversation cleared)" in text
     assert "/reset" in text.split("cleared")[1]  # the help
+    assert text.count("(unknown command or arguments: /bogus; the commands are below)") == 1
+    assert text.count("unknown command") == 2 and text.count("/settings ") == 3  # `/`, /help
     assert chat.turns == [] and chat.settings.temperature == 0.5
 
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 import bz2
 import gzip
 import json
+import os
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DATA, forge, write_config
+from conftest import DATA, dead_writer_temp, forge, write_config
 
 from pipeline.config import DecontaminateConfig
 from pipeline.decontaminate import NgramIndex, build_index, eval_texts, ngram_hashes
+from pipeline.files import temp_path_for
 from pipeline.instructions import load_records, split_records
 
 INSTRUCT = DATA / "instruct" / "rasbt-instruction-data.json"
@@ -103,3 +105,37 @@ def test_the_stage_drops_contaminated_documents_by_eval_set(eval_files: dict[str
     cut = next(d["text"] for d in kept if d["id"].endswith("hellaswag.txt"))
     assert cut.startswith("Some preface") and cut.endswith("epilogue.")
     assert hellaswag_item not in cut
+
+
+def test_a_rerun_reuses_the_index_and_removes_dead_writers_temporary_files(
+        eval_files: dict[str, Path], tmp_path: Path) -> None:
+    """A run killed after the index was built: the rerun neither rebuilds nor rewrites it,
+    and the temporary files of dead writers (a killed index write) are gone; a live one stays."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for number in range(3):
+        (folder / f"{number}.txt").write_text(f"Document {number} about nothing in particular.")
+    config = write_config(tmp_path / "c.yaml", tmp_path / "work", [{"uri": str(folder)}])
+    raw = yaml.safe_load(config.read_text())
+    raw["data"]["decontaminate"] = section(eval_files)
+    raw["data"].update({"filter": {"enabled": False}, "dedupe": {"enabled": False}})
+    config.write_text(yaml.safe_dump(raw))
+    failed = forge("prepare", "--config", str(config), "--quiet", check=False,
+                   env={**os.environ, "FORGE_FAIL_AFTER": "decontaminate:1"})
+    assert failed.returncode == 2 and "injected failure" in failed.stderr
+    stage = tmp_path / "work" / "decontaminate"
+    (index,) = (stage / "index").iterdir()
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in index.glob("*.npy")}
+    assert sorted(before) == ["labels.npy", "table.npy"]
+    dead = [dead_writer_temp(index / "table.npy"), dead_writer_temp(stage / "docs" / "x.jsonl")]
+    live = temp_path_for(index / "labels.npy")  # this process writes it: not stale
+
+    rerun = forge("prepare", "--config", str(config))
+    assert rerun.stderr.count("reusing the evaluation 13-gram index") == 1
+    assert "decontaminate: removed 2 temporary files of dead writers" in rerun.stderr
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in index.glob("*.npy")}
+    assert after == before  # not rebuilt, not rewritten
+    assert not any(p.exists() for p in dead) and live.exists()
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert manifest["docs_out"] == 3 and manifest["eval_ngrams"]["hellaswag"] > 1000
+    live.unlink()

@@ -32,6 +32,7 @@ from pipeline.download import (
     run_download,
     source_kind,
     source_name,
+    with_source_presets,
 )
 
 BOOK = DATA / "books" / "pg11.txt.gz"
@@ -451,7 +452,8 @@ def test_local_glob_is_one_unit_per_file(tmp_path):
     pattern = str(DATA / "books" / "pg11*.txt.gz")
     expected = sorted(p for p in (DATA / "books").glob("pg11*.txt.gz"))
     assert len(expected) >= 3
-    cfg = make_config(tmp_path, [{"uri": pattern}, {"uri": str(tmp_path / "none" / "*.txt")}],
+    cfg = make_config(tmp_path, [{"uri": pattern},
+                                 {"uri": str(tmp_path / "none" / "*.txt"), "optional": True}],
                       workers=2)
     assert [u.payload["kind"] for u in plan_units(cfg)] == ["local"] * len(expected) + ["missing"]
 
@@ -465,6 +467,34 @@ def test_local_glob_is_one_unit_per_file(tmp_path):
     assert {f["source"] for f in manifest["files"]} == {"books"}
     units = sorted((tmp_path / "work" / "download" / "units").glob("*.json"))
     assert len(units) == len(expected) + 1
+
+
+def test_a_required_source_that_matches_nothing_fails_before_work_naming_it(tmp_path):
+    typo = str(tmp_path / "bookz" / "*.txt")
+    config = write_config(tmp_path / "forge.yaml", tmp_path / "work",
+                          [{"uri": str(DATA / "books" / "the-verdict.txt")}, {"uri": typo}])
+    result = forge("prepare", "--config", str(config), check=False)
+    assert result.returncode == 2
+    assert f"data.sources[1] ({typo}) matches no file" in result.stderr
+    assert "optional: true" in result.stderr
+    assert not list((tmp_path / "work" / "download").glob("units/*.json"))  # no unit ran
+
+
+def test_a_failing_unit_prints_one_sentence_and_its_traceback_only_with_debug(tmp_path):
+    import yaml
+
+    config = write_config(tmp_path / "forge.yaml", tmp_path / "work",
+                          [{"uri": "http://127.0.0.1:9/x.txt"}])  # port 9: connection refused
+    raw = yaml.safe_load(config.read_text())
+    raw["data"]["download"] = {"retries": 1, "backoff_s": 0.01}
+    config.write_text(yaml.safe_dump(raw))
+    result = forge("prepare", "--config", str(config), "--quiet", check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "x.txt" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: download: 1 unit(s) failed")
+    debug = forge("prepare", "--config", str(config), "--quiet", "--debug", check=False)
+    assert "Traceback" in debug.stderr and "giving up after 2 failed attempts" in debug.stderr
 
 
 def test_recursive_glob_keeps_subfolders_apart(tmp_path):
@@ -481,7 +511,7 @@ def test_recursive_glob_keeps_subfolders_apart(tmp_path):
 
 
 def test_no_file_from_any_source_fails_the_stage(tmp_path):
-    cfg = make_config(tmp_path, [{"uri": str(tmp_path / "nothing" / "*.gz")}])
+    cfg = make_config(tmp_path, [{"uri": str(tmp_path / "nothing" / "*.gz"), "optional": True}])
     with pytest.raises(StageError, match="no source yielded a file; check the sources"):
         run_download(cfg)
 
@@ -622,7 +652,7 @@ def test_cli_names_the_fix_when_no_source_yields_a_file(tmp_path):
                           [{"uri": str(tmp_path / "nothing" / "*.gz")}], workers=1)
     failed = forge("download", "--config", str(config), "--quiet", check=False)
     assert failed.returncode == 2
-    assert "no source yielded a file; check the sources' paths or URLs" in failed.stderr
+    assert "matches no file: fix the path" in failed.stderr
     forge("download", "--config", str(config), "--quiet", "--source", str(BOOK), "--overwrite")
     manifest = json.loads((tmp_path / "work" / "download" / "manifest.json").read_text())
     assert [f["sha256"] for f in manifest["files"]] == [BOOK_SHA]
@@ -648,3 +678,36 @@ def test_permanent_errors_are_not_retried(tmp_path, server):
             fetch_url(server.base + "f", tmp_path / "f", quick())
         assert info.value.reason == f"http_{code}" and len(server.requests) == 1
     assert not os.listdir(tmp_path)
+
+
+def test_unnamed_sources_that_are_plainly_books_get_the_books_preset(tmp_path):
+    """A Gutenberg header or book-length plain text, whatever the folder is called; a named
+    source keeps the rules its name picks, a web-like folder keeps the web rules."""
+    header = tmp_path / "incoming" / "opticks.txt"
+    header.parent.mkdir()
+    header.write_text("The Project Gutenberg EBook of Opticks, by Isaac Newton\n\nOPTICKS\n")
+    pages = tmp_path / "crawl" / "page.txt"
+    pages.parent.mkdir()
+    pages.write_text("Buy now! Click here.\n" * 50)
+    book = str(DATA / "books" / "pg1004.txt.gz")
+    cfg = make_config(tmp_path, [
+        {"uri": str(header.parent / "*.txt")},
+        {"uri": str(pages.parent)},
+        {"uri": book, "name": "mine"},
+        {"uri": book},
+        {"uri": "https://www.gutenberg.org/cache/epub/1342/pg1342.txt"},
+    ])
+    resolved, lines = with_source_presets(cfg)
+    assert lines == [
+        "source incoming: books preset (not web text: Project Gutenberg header in opticks.txt; "
+        "set filter.per_source.incoming or --source NAME=PATH to choose)",
+        "source crawl: web rules (no filter.per_source.crawl)",
+        "source mine: web rules (no filter.per_source.mine)",
+        "source books: books preset (not web text: book-length plain text in pg1004.txt.gz; "
+        "set filter.per_source.books or --source NAME=PATH to choose)",
+        "source www.gutenberg.org: books preset (not web text: a Project Gutenberg URL; set "
+        "filter.per_source.www.gutenberg.org or --source NAME=PATH to choose)",
+    ]
+    assert resolved.data.filter.for_source("incoming").gopher_quality.max_words is None
+    assert resolved.data.filter.for_source("crawl").gopher_quality.max_words == 100_000
+    assert cfg.data.filter.per_source == {}  # the given config is left as it was

@@ -218,6 +218,47 @@ def mtimes(*folders: Path) -> dict[Path, int]:
     return {p: p.stat().st_mtime_ns for f in folders for p in f.rglob("*") if p.is_file()}
 
 
+# ---------------------------------------------------------------- the server's address
+
+
+def test_the_ui_of_a_server_on_another_port_calls_that_port(prefect_server: dict) -> None:
+    port = prefect_server["port"]
+    settings = httpx.get(f"http://127.0.0.1:{port}/ui-settings", timeout=30).json()
+    assert settings["api_url"] == f"http://127.0.0.1:{port}/api"
+
+
+@pytest.mark.parametrize("host, ui_api", [("127.0.0.1", "http://127.0.0.1:4321/api"),
+                                          ("10.1.2.3", "http://10.1.2.3:4321/api"),
+                                          ("::1", "http://[::1]:4321/api"),
+                                          ("0.0.0.0", "/api")])
+def test_server_flags_set_the_server_s_address_and_its_ui_s_api(monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path, host: str,
+                                                               ui_api: str) -> None:
+    from cli.main import build_parser
+    from cli.orchestration import server_environment
+
+    monkeypatch.delenv("PREFECT_UI_API_URL", raising=False)
+    args = build_parser().parse_args(["server", "--host", host, "--port", "4321",
+                                      "--home", str(tmp_path)])
+    env = server_environment(args)
+    assert (env["PREFECT_SERVER_API_HOST"], env["PREFECT_SERVER_API_PORT"]) == (host, "4321")
+    assert env["PREFECT_UI_API_URL"] == ui_api
+
+
+def test_serve_and_run_find_a_server_on_another_port_by_flag(prefect_server: dict) -> None:
+    """Without PREFECT_API_URL, `--port` (and `--host`) say where the server is."""
+    script = ("import argparse; from pathlib import Path; from cli.orchestration import _connect\n"
+              f"args = argparse.Namespace(host='127.0.0.1', port={prefect_server['port']}, "
+              f"home=Path({str(prefect_server['home'])!r}), quiet=True, debug=False)\n"
+              "print(_connect(args, required=True))\n"
+              "import prefect.settings as s; print(s.PREFECT_API_URL.value())\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == [prefect_server["api"].url] * 2
+
+
 # ---------------------------------------------------------------- parameters and cache keys
 
 
@@ -357,13 +398,13 @@ def test_prepare_data_run_from_the_deployment_writes_shards_and_artifacts(
 @pytest.mark.slow
 def test_ui_retry_of_a_failed_run_skips_finished_stages(prefect_server: dict, prepared: Path,
                                                        tmp_path: Path) -> None:
-    """The filter stage fails after 3 units (FORGE_FAIL_AFTER, armed for the first run only);
-    Retry resumes it without running download and extract again."""
+    """The filter stage fails after 3 units (FORGE_FAIL_AFTER with a marker file: the first run
+    only); Retry resumes it without running download and extract again."""
     api: Api = prefect_server["api"]
     config = small_config(tmp_path / "c.yaml", tmp_path / "work")
     work = tmp_path / "work"
     with serving(prefect_server, "retry", tmp_path / "serve.log",
-                 FORGE_FAIL_AFTER="filter:3", FORGE_FAIL_ONCE_MARKER=str(tmp_path / "fired")):
+                 FORGE_FAIL_AFTER=f"filter:3:{tmp_path / 'fired'}"):
         run_id = api.run_deployment("prepare-data", "retry", form(config))
         failed = api.wait(run_id)
         assert failed["state_type"] == "FAILED"
@@ -387,6 +428,38 @@ def test_ui_retry_of_a_failed_run_skips_finished_stages(prefect_server: dict, pr
         assert any(f"{committed} of" in line and "already committed" in line
                    for line in api.logs(run_id))  # the stage resumed after its committed units
         assert fingerprint(work) == fingerprint(prepared)  # as an uninterrupted run
+
+
+@pytest.mark.slow
+def test_a_stage_s_log_lines_land_in_the_flow_run_s_logs(prefect_server: dict,
+                                                          tmp_path: Path) -> None:
+    """The stage's summary (what `forge prepare` prints) and a worker process's warning are in
+    the run's logs, where the UI shows them."""
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"workdir": str(tmp_path / "work"), "workers": 2, "data": {
+        "sources": [{"uri": str(DATA / "books" / "the-verdict.txt")},
+                    {"uri": str(DATA / "books" / "pg11.txt.gz")},
+                    {"uri": str(tmp_path / "absent" / "*.txt"), "optional": True}]}}))
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from flows.settings import apply_environment, prefect_environment\n"
+        f"apply_environment(prefect_environment(Path({str(prefect_server['home'])!r}), "
+        f"{prefect_server['api'].url!r}))\n"
+        "from flows.stages import STAGE_FLOWS\n"
+        f"state = STAGE_FLOWS['download'](config_file={str(config)!r}, return_state=True)\n"
+        "print(state.type.value, state.state_details.flow_run_id)\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                            text=True, env=client_env(prefect_server), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state, run_id = result.stdout.split()[-2:]
+    assert state == "COMPLETED"
+    api: Api = prefect_server["api"]
+    expected = ("download: 3 files in, 2 out, 1 dropped (no_matching_files: 1)",
+                f"{tmp_path / 'absent' / '*.txt'} matches no file")  # logged by a worker
+    deadline = time.monotonic() + 30
+    while not all(any(e in line for line in api.logs(run_id)) for e in expected):
+        assert time.monotonic() < deadline, api.logs(run_id)
+        time.sleep(1)
 
 
 # ---------------------------------------------------------------- the trainer as a child

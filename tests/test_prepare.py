@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 import zarr
-from conftest import forge, small_config
+from conftest import forge, small_config, write_config
 
 from pipeline.documents import iter_documents
 from pipeline.encoding import EOT_ID, get_encoding
@@ -155,3 +155,99 @@ def test_a_config_typo_fails_before_any_work_naming_the_field(tmp_path: Path) ->
     assert "'workers'" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "work").exists()
+
+
+def test_an_unnamed_folder_of_books_gets_the_books_preset_whatever_its_name(
+        tmp_path: Path) -> None:
+    """A verse book in a folder named like no preset: judged as a book, said at the start."""
+    from conftest import DATA
+
+    hostile = tmp_path / "hostile-src"
+    hostile.mkdir()
+    shutil.copy(DATA / "books" / "pg1004.txt.gz", hostile)  # The Divine Comedy, in verse
+    config = write_config(tmp_path / "c.yaml", tmp_path / "work", [{"uri": "replaced"}])
+    raw = yaml.safe_load(config.read_text())
+    raw["data"]["filter"] = {"per_source": {"mine": {"preset": "books"}}}
+    config.write_text(yaml.safe_dump(raw))
+    result = forge("prepare", "--config", str(config),
+                   "--source", str(hostile / "*.txt.gz"),
+                   "--source", f"mine={DATA / 'books' / 'pg1041.txt.gz'}",
+                   "--source", str(DATA / "webdocs" / "dolma-cc_en_head-0091.jsonl.gz"))
+    lines = result.stdout.splitlines()
+    assert ("source hostile-src: books preset (not web text: book-length plain text in "
+            "pg1004.txt.gz") in lines[0]
+    assert lines[1] == "source mine: books preset (filter.per_source.mine)"
+    assert lines[2] == "source webdocs: web rules (no filter.per_source.webdocs)"
+    kept = {doc["source"]: doc["text"] for doc in iter_documents(tmp_path / "work" / "filter")}
+    assert "Midway upon the journey of our life" in kept["hostile-src"]
+    assert "mine" in kept
+
+
+def test_source_names_come_before_an_equals_sign_and_urls_stay_whole(tmp_path: Path) -> None:
+    from cli.common import parse_source
+
+    assert parse_source("books=../data/*.txt") == {"name": "books", "uri": "../data/*.txt"}
+    assert parse_source("my_src-2=https://x.org/a.txt") == {"name": "my_src-2",
+                                                            "uri": "https://x.org/a.txt"}
+    url = "https://example.org/get?id=5&f=txt"
+    assert parse_source(url) == {"uri": url}
+    assert parse_source("a b=c.txt") == {"uri": "a b=c.txt"}
+    odd = tmp_path / "x=y.txt"
+    odd.write_text("a file whose name holds '='")
+    assert parse_source(str(odd)) == {"uri": str(odd)}
+    assert parse_source("x=y.txt") == {"name": "x", "uri": "y.txt"}
+
+
+def test_no_document_error_leads_to_a_stats_command_that_reports_the_drops(
+        tmp_path: Path) -> None:
+    """Every document dropped: the error names the command, and that command works."""
+    import re
+
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("Too short to keep.\n")
+    work = tmp_path / "work"
+    config = write_config(tmp_path / "c.yaml", work, [{"uri": str(tiny)}])
+    result = forge("prepare", "--config", str(config), check=False)
+    assert result.returncode == 2 and "holds no document" in result.stderr
+    command = re.search(r"`(forge stats [^`]+)`", result.stderr)[1]
+    assert command == f"forge stats {work}"
+    shown = forge(*command.split()[1:])
+    assert "no token dataset yet" in shown.stdout
+    assert "gopher_quality:too_few_words 1" in shown.stdout
+    assert "tokenize: under way or failed" in shown.stdout
+    stats = json.loads(forge("stats", str(work), "--json").stdout)
+    assert stats["dataset"] is None
+    assert [row["stage"] for row in stats["stages"]] == ["download", "extract", "filter",
+                                                         "dedupe"]
+    assert stats["stages"][2]["dropped"] == {"gopher_quality:too_few_words": 1}
+
+
+def test_a_corrupt_zarr_json_is_named_with_the_command_that_rebuilds_it(tmp_path: Path) -> None:
+    dataset = tmp_path / "work" / "tokenize" / "dataset.zarr"
+    dataset.mkdir(parents=True)
+    (dataset / "zarr.json").write_text("{zarr_format: 3,")
+    for command in ("stats", "verify"):
+        result = forge(command, str(tmp_path / "work"), check=False)
+        assert result.returncode == 2
+        assert f"{dataset / 'zarr.json'} is corrupt" in result.stderr
+        assert "forge tokenize --config" in result.stderr and "--overwrite" in result.stderr
+
+
+def test_zero_workers_is_rejected_naming_the_option(tmp_path: Path) -> None:
+    result = forge("prepare", "--config", "configs/demo.yaml", "--workers", "0", check=False)
+    assert result.returncode == 2
+    assert "argument --workers: must be at least 1, got 0" in result.stderr
+
+
+def test_the_dataset_artifact_gives_each_drop_reason_its_own_row(prepared: Path) -> None:
+    from flows.artifacts import dataset_markdown
+    from pipeline.stats import dataset_stats
+
+    stats = dataset_stats(prepared / "tokenize" / "dataset.zarr")
+    markdown = dataset_markdown(stats)
+    reasons = [(row["stage"], reason, n) for row in stats["stages"]
+               for reason, n in row["dropped"].items()]
+    assert len(reasons) > 3
+    for stage, reason, n in reasons:
+        assert f"| {stage} | {reason} | {n:,} |" in markdown.splitlines()
+    assert max(len(line) for line in markdown.splitlines() if line.startswith("|")) < 100

@@ -55,6 +55,90 @@ def test_gutenberg_boilerplate_is_cut_from_a_real_book() -> None:
     assert "TOM!" in body  # the novel's first line survives
 
 
+OLD_STYLE_BOOK = """The Project Gutenberg EBook of Opticks, by Isaac Newton
+
+This eBook is for the use of anyone anywhere at no cost and with
+almost no restrictions whatsoever.
+
+*** START OF THIS PROJECT GUTENBERG EBOOK OPTICKS ***
+
+
+
+
+Produced by Suzanne Lybarger, steve harris, Josephine
+Paolucci and the Online Distributed Proofreading Team at
+http://www.pgdp.net.
+
+
+
+
+OPTICKS:
+
+OR, A TREATISE OF THE Reflections, Refractions, Inflections and Colours OF LIGHT.
+
+My Design in this Book is not to explain the Properties of Light by Hypotheses.
+
+
+
+End of the Project Gutenberg EBook of Opticks, by Isaac Newton
+
+*** END OF THIS PROJECT GUTENBERG EBOOK OPTICKS ***
+
+***** This file should be named 33504.txt or 33504.zip *****
+"""
+
+NEW_STYLE_BOOK = """*** START OF THE PROJECT GUTENBERG EBOOK OPTICKS ***
+
+Produced by Suzanne Lybarger and the Online Distributed
+Proofreading Team at https://www.pgdp.net
+
+OPTICKS:
+
+My Design in this Book is not to explain the Properties of Light by Hypotheses.
+
+*** END OF THE PROJECT GUTENBERG EBOOK OPTICKS ***
+
+Updated editions will replace the previous one.
+"""
+
+
+@pytest.mark.parametrize("style", ["old", "new"])
+@pytest.mark.parametrize("encoding", ["lf", "crlf+bom"])
+def test_gutenberg_old_and_new_style_boilerplate_is_cut(tmp_path: Path, style: str,
+                                                         encoding: str) -> None:
+    """The extract stage's own path: read the file, normalize, strip, on LF and CRLF+BOM."""
+    text = OLD_STYLE_BOOK if style == "old" else NEW_STYLE_BOOK
+    data = text.encode()
+    if encoding == "crlf+bom":
+        data = b"\xef\xbb\xbf" + data.replace(b"\n", b"\r\n")
+    path = tmp_path / "opticks.txt"
+    path.write_bytes(data)
+    (doc,), _ = read_all(path)
+    for raw in (doc.text, normalize_text(doc.text)):  # strip_gutenberg copes with CRLF itself
+        body = normalize_text(strip_gutenberg(raw))
+        assert body.startswith("OPTICKS:"), body[:80]
+        assert body.endswith("by Hypotheses."), body[-80:]
+        assert "Gutenberg" not in body and "Produced by" not in body
+
+
+@pytest.mark.parametrize("book, last_words", [
+    ("pg20417.txt.gz", "_The Corpuscular Theory of Matter_."),
+    ("pg27083.txt.gz", "THE END."),
+])
+def test_old_style_end_line_is_cut_from_real_books(book: str, last_words: str) -> None:
+    text = gzip.decompress((DATA / "books" / book).read_bytes()).decode()
+    assert "End of" in text[-300:] and "Project Gutenberg" in text[-300:]
+    body = normalize_text(strip_gutenberg(normalize_text(text)))
+    assert body.endswith(last_words), body[-80:]
+
+
+def test_producer_credits_are_cut_from_a_real_book() -> None:
+    text = gzip.decompress((DATA / "books" / "pg1450.txt.gz").read_bytes()).decode()
+    assert "Produced by Charles Keller" in text[:500]
+    body = normalize_text(strip_gutenberg(normalize_text(text)))
+    assert body.startswith("POLLYANNA"), body[:80]
+
+
 def test_text_file_is_one_document(tmp_path: Path) -> None:
     path = tmp_path / "a.txt.gz"
     path.write_bytes(gzip.compress(b"Hello, world.\n"))
@@ -142,6 +226,18 @@ def test_broken_warc_record_is_counted_and_earlier_records_kept(tmp_path: Path) 
     docs, drops = read_all(path)
     assert len(docs) >= 1
     assert drops[-1].reason in ("corrupt_warc_record", "truncated_warc_record")
+
+
+def test_a_warc_record_cut_inside_its_headers_is_described_not_a_python_error(
+        tmp_path: Path) -> None:
+    raw = gzip.decompress((DATA / "warc" / "dolma-sample-0000.warc.gz").read_bytes())
+    cut = raw.index(b"WARC-Warcinfo-ID", raw.index(b"Host: talaugust.github.io"))
+    path = tmp_path / "cut.warc"
+    path.write_bytes(raw[: cut + len(b"WARC-Warcinfo-ID")])  # no WARC-Target-URI yet
+    _, drops = read_all(path)
+    assert drops[-1].reason == "corrupt_warc_record"
+    assert "malformed WARC headers" in drops[-1].detail
+    assert "WARC-Target-URI" in drops[-1].detail and "NoneType" not in drops[-1].detail
 
 
 def test_zip_members_become_documents_and_escaping_paths_are_refused(tmp_path: Path) -> None:

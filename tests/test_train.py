@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import dead_writer_temp
 from test_loader import make_dataset
 
 from configs.run import load_training_section, validate_training_section
@@ -36,6 +37,7 @@ from model.data import ShardError
 from model.optim import lr_multiplier
 from model.runtime import read_log
 from model.train import run_pretrain
+from pipeline.files import temp_path_for
 from pipeline.shards import chunk_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,7 +160,7 @@ def test_half_written_checkpoints_are_ignored(tmp_path: Path) -> None:
     manager.save(1, small_state(1))
     manager.save(2, small_state(2))
     # a save killed before its rename, and one killed before its sidecar
-    (tmp_path / ".ckpt-000003.pt.4242.tmp").write_bytes(b"partial")
+    dead_writer_temp(tmp_path / "ckpt-000003.pt")
     shutil.copy(tmp_path / "ckpt-000002.pt", tmp_path / "ckpt-000003.pt")
     assert manager.latest() == tmp_path / "ckpt-000002.pt"
     # a newest checkpoint cut short (its sidecar records the full size)
@@ -332,6 +334,18 @@ def test_overwrite_starts_over(dataset: Path, tmp_path: Path) -> None:
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
 
 
+def test_a_run_starts_by_removing_dead_writers_temporary_files(dataset: Path,
+                                                               tmp_path: Path) -> None:
+    """A write killed mid-way (here: of the stage's manifest) leaves a temporary file; the
+    next run of the stage removes it, and keeps a live writer's."""
+    cfg = tiny_config(dataset, max_steps=1, warmup_steps=1)
+    (tmp_path / "pretrain").mkdir()
+    dead = dead_writer_temp(tmp_path / "pretrain" / "manifest.json")
+    live = temp_path_for(tmp_path / "pretrain" / "log.jsonl")  # this process is alive
+    run_pretrain(cfg, tmp_path)
+    assert not dead.exists() and live.exists()
+
+
 def test_corrupt_shard_fails_before_training(dataset: Path, tmp_path: Path) -> None:
     copy = tmp_path / "dataset.zarr"
     shutil.copytree(dataset, copy)
@@ -503,3 +517,15 @@ def test_torchrun_matches_one_process(dataset: Path, tmp_path: Path) -> None:
     assert CheckpointManager(ddp / "pretrain" / "checkpoints").latest().name == "ckpt-000016.pt"
     state = load_checkpoint(ddp / "pretrain" / "checkpoints" / "ckpt-000016.pt")
     assert len(state["rng"]) == 2  # every rank's RNG state
+
+
+def test_pretrain_without_a_dataset_says_to_run_forge_prepare(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    result = subprocess.run(
+        [sys.executable, "-m", "cli.main", "pretrain", "--config", "configs/demo.yaml",
+         "--workdir", str(work)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert f"no token dataset at {work / 'tokenize' / 'dataset.zarr'}" in result.stderr
+    assert "run `forge prepare --config" in result.stderr
+    assert "Traceback" not in result.stderr
