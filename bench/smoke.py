@@ -40,6 +40,7 @@ SMOKE: dict[str, list[str]] = {
     "generation.py": ["--parts", "cache", "--new-tokens", "8", "--repeats", "1"],
     "generation_gpu.py": ["--device", "cpu", "--preset", "tiny", "--new-tokens", "8",
                           "--dtype", "float32", "--repeats", "1"],
+    "server_throughput.py": ["--clients", "1,4", "--new-tokens", "4", "--repeats", "1"],
 }
 NO_OUT_FLAG = {"filter_report.py"}  # it writes a folder of reports (--out-dir above)
 

@@ -1,4 +1,4 @@
-"""`forge finetune`, `forge chat`, `forge import-gpt2` and `forge export`: the assistant side.
+"""`forge finetune`, `chat`, `serve-chat`, `import-gpt2` and `export`: the assistant side.
 
 Every CHECKPOINT argument is a checkpoint file or a work folder (its newest complete
 checkpoint of the latest stage: fine-tuned if there is one, else pretrained); see
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -55,6 +56,27 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     sub.set_defaults(handler=chat)
 
     sub = commands.add_parser(
+        "serve-chat",
+        parents=[common],
+        help="a web chat page and an OpenAI-compatible API over a model (requests batched)",
+    )
+    sub.add_argument("checkpoint", metavar="CHECKPOINT", help=CHECKPOINT_HELP)
+    sub.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    sub.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free one")
+    sub.add_argument(
+        "--api-key",
+        default=os.environ.get("FORGE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/ requests (default: $FORGE_API_KEY)",
+    )
+    sub.add_argument("--model-name", default="forge", help="the model id clients name")
+    sub.add_argument("--max-batch", type=int, help="most requests answered together (32)")
+    sub.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    sub.add_argument(
+        "--vocab-dir", help="GPT-2 vocabulary folder (default: $FORGE_VOCAB_DIR or the run's own)"
+    )
+    sub.set_defaults(handler=serve_chat)
+
+    sub = commands.add_parser(
         "import-gpt2",
         parents=[common],
         help="Hugging Face GPT-2 folder (safetensors) -> forge checkpoint",
@@ -79,6 +101,14 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
         help="hf: config.json + model.safetensors (LoRA adapters merged)",
     )
     sub.set_defaults(handler=export)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
 
 
 def finetune(args: argparse.Namespace) -> int:
@@ -150,6 +180,21 @@ def chat(args: argparse.Namespace) -> int:
         f"context {model.config.block_size}). /help for commands, /exit to quit."
     )
     return run_chat(session, prompt=args.prompt, banner=banner)
+
+
+def serve_chat(args: argparse.Namespace) -> int:
+    from model.server import serve_chat as serve
+
+    device = _device(args.device)
+    if args.max_batch is not None and args.max_batch < 1:
+        raise ValueError(f"--max-batch must be at least 1, got {args.max_batch}")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach this "
+              "machine can use the model", file=sys.stderr)
+    extra = {} if args.max_batch is None else {"max_batch": args.max_batch}
+    serve(args.checkpoint, args.host, args.port, args.api_key, device, args.model_name,
+          args.vocab_dir, **extra)
+    return 0
 
 
 def import_gpt2(args: argparse.Namespace) -> int:

@@ -162,6 +162,7 @@ def _print_one_answer(workdir: Path) -> None:
         print(f"\nInstruction: {row['instruction']} {row.get('input', '')}".rstrip())
         print(f"Assistant:   {row['model_response']}")
         print(f"\nEverything is in {workdir}: stage manifests, tokenize/dataset.zarr, "
-              f"pretrain/ and finetune/ (checkpoints, log.jsonl, loss.png); chat with "
-              f"`forge chat {workdir}`")
+              f"pretrain/ and finetune/ (checkpoints, log.jsonl, loss.png). Chat with it in "
+              f"the terminal: `.venv/bin/forge chat {workdir}`; in the browser: "
+              f"`.venv/bin/forge serve-chat {workdir}`, then open http://127.0.0.1:8000/")
 

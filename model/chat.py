@@ -33,9 +33,8 @@ import torch
 
 from model.generate import Engine, Request, SamplingParams, TextStream
 from model.gpt import GPT
-from model.inference import PREAMBLE
+from model.inference import STOP_STRINGS, format_chat
 
-STOP_STRINGS = ("### Instruction:", "### Response:")
 HELP = """commands:
   /reset               forget the conversation
   /set NAME VALUE      temperature, top_k, top_p, frequency_penalty, max_new_tokens or seed
@@ -109,11 +108,11 @@ class GenerationSettings:
 
 
 def chat_prompt(turns: list[tuple[str, str]], message: str) -> str:
-    """The conversation so far plus the new message, ready for the answer."""
-    text = f"{PREAMBLE}\n\n"
+    """The conversation so far plus the new message, ready for the answer (format_chat)."""
+    messages = []
     for user, reply in turns:
-        text += f"### Instruction:\n{user}\n\n### Response:\n{reply}\n\n"
-    return text + f"### Instruction:\n{message}\n\n### Response:\n"
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+    return format_chat([*messages, {"role": "user", "content": message}])
 
 
 class Chat:

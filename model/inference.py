@@ -28,6 +28,9 @@ PREAMBLE = (
     "Write a response that appropriately completes the request."
 )
 
+# Where a model's answer ends in a conversation: when it starts the next turn itself.
+STOP_STRINGS = ("### Instruction:", "### Response:")
+
 
 def format_prompt(instruction: str, input: str = "") -> str:
     """The Alpaca prompt up to and including '### Response:\\n'; the answer follows it."""
@@ -35,6 +38,38 @@ def format_prompt(instruction: str, input: str = "") -> str:
     if input:
         text += f"\n\n### Input:\n{input}"
     return text + "\n\n### Response:\n"
+
+
+def format_chat(messages: list[dict[str, str]]) -> str:
+    """A conversation as one Alpaca prompt, ready for the next answer (`forge chat`, the server).
+
+    messages are OpenAI-style {"role", "content"}: an optional leading "system" message replaces
+    the preamble, then "user" and "assistant" alternate, ending with "user". Each user turn is an
+    instruction and each assistant turn its response, so a one-message conversation is token for
+    token format_prompt(message): what fine-tuning trained on. Raises ValueError saying what is
+    wrong with the list.
+    """
+    preamble, first = PREAMBLE, 0
+    if messages and messages[0]["role"] == "system":
+        preamble, messages, first = messages[0]["content"], messages[1:], 1
+    if not messages:
+        raise ValueError("messages must hold at least one user message")
+    text = f"{preamble}\n\n"
+    for i, message in enumerate(messages):
+        role, content = message["role"], message["content"]
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            raise ValueError(
+                f"messages[{i + first}] has role {role!r} where {expected!r} was expected: "
+                "after an optional first system message, user and assistant turns alternate"
+            )
+        if role == "user":
+            text += f"### Instruction:\n{content}\n\n### Response:\n"
+        else:
+            text += f"{content}\n\n"
+    if messages[-1]["role"] != "user":
+        raise ValueError("the last message must be the user's: it is what gets answered")
+    return text
 
 
 # ---------------------------------------------------------------- checkpoints
