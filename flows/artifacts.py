@@ -233,8 +233,23 @@ def _image_markdown(png: Path, limit_bytes: int = 300_000) -> str:
     return text
 
 
+def stopped_training_summary(workdir: str, stage: str) -> dict:
+    """The summary of a trainer stopped before its end (cancelled), for its report: the last
+    records of its log (the manifest is written only at the end) and its checkpoints' folder."""
+    work = WorkFolder(workdir)
+    records = _tail_records(work.training_log(stage), 65536)
+    last = {r.get("kind"): r for r in records}  # the last record of each kind
+    started = last.get("resume") or last.get("start") or {}
+    return {"steps": last.get("train", {}).get("step"),
+            "train_loss": last.get("train", {}).get("loss"),
+            "val_loss": last.get("val", {}).get("val_loss"),
+            "params": started.get("params"), "world_size": started.get("world_size"),
+            "checkpoint": str(work.checkpoints(stage)), "stopped_by": "cancellation"}
+
+
 def publish_training_report(workdir: str, summary: dict) -> None:
-    """Markdown at the end of pretraining: loss curve, final metrics, the last samples."""
+    """Markdown at the end of pretraining (or when it was cancelled): loss curve, final
+    metrics, the last samples."""
     work = WorkFolder(workdir)
     out = work.stage(PRETRAIN)
     metrics = [("steps", summary.get("steps")), ("train loss", summary.get("train_loss")),
@@ -244,7 +259,8 @@ def publish_training_report(workdir: str, summary: dict) -> None:
                ("checkpoint", summary.get("checkpoint"))]
     samples = [r for r in _tail_records(work.training_log(PRETRAIN), 65536)
                if r.get("kind") == "sample"]
-    lines = [f"# Pretraining in `{out}`", "", _image_markdown(work.loss_plot(PRETRAIN)), "",
+    lines = [f"# Pretraining in `{out}`", "", *_stopped_lines(summary),
+             _image_markdown(work.loss_plot(PRETRAIN)), "",
              "| metric | value |", "|---|---|",
              *(f"| {name} | {_fmt(value)} |" for name, value in metrics), "",
              "## Samples", ""]
@@ -256,6 +272,13 @@ def publish_training_report(workdir: str, summary: dict) -> None:
     create_markdown_artifact(key=f"{artifact_prefix(workdir)}-pretrain",
                              markdown="\n".join(lines),
                              description=f"Pretraining: val loss {_fmt(summary.get('val_loss'))}")
+
+
+def _stopped_lines(summary: dict) -> list[str]:
+    if not summary.get("stopped_by"):
+        return []
+    return [f"**Stopped by {summary['stopped_by']} after step {_fmt(summary.get('steps'))}**: "
+            "rerun the flow to continue from its newest checkpoint.", ""]
 
 
 def _fmt(value) -> str:
@@ -271,7 +294,7 @@ def publish_finetune_report(workdir: str, summary: dict) -> None:
     work = WorkFolder(workdir)
     path = work.test_responses
     answers = read_json(path) if path.exists() else {"scores": {}, "responses": []}
-    lines = [f"# Fine-tuning in `{work.stage(FINETUNE)}`", "",
+    lines = [f"# Fine-tuning in `{work.stage(FINETUNE)}`", "", *_stopped_lines(summary),
              _image_markdown(work.loss_plot(FINETUNE)), "",
              "| metric | value |", "|---|---|",
              *(f"| {k} | {_fmt(v)} |" for k, v in summary.items()

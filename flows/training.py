@@ -5,13 +5,19 @@ parameter's processes per node): CUDA, DDP and their crashes stay out of the flo
 its output is streamed into the run's logs (flows/launcher.py). The trainer's own resume makes
 a rerun continue from the newest checkpoint; a finished pretraining is cached like a data stage
 (key: work folder, pretrain config, processes, dataset fingerprint).
+
+Cancelling a run from the UI makes its runner SIGTERM the flow process, which Prefect raises as
+TerminationSignal: the trainer is stopped at a checkpoint, its task ends Cancelled (not
+Crashed), the report shows what was trained, then the signal goes on so the run ends Cancelled.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +25,18 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.context import TaskRunContext
+from prefect.exceptions import TerminationSignal
+from prefect.states import Cancelled, State
+from prefect.transactions import get_transaction
 from pydantic import BaseModel, ConfigDict, Field
 
 from configs.run import RunConfig, data_config, load_run_config
-from flows.artifacts import TrainingProgress, publish_finetune_report, publish_training_report
+from flows.artifacts import (
+    TrainingProgress,
+    publish_finetune_report,
+    publish_training_report,
+    stopped_training_summary,
+)
 from flows.common import start_flow_process
 from flows.launcher import run_command
 from flows.stages import matches_disk, prepare_data, summarize
@@ -55,6 +69,27 @@ def resolve_run_config(config: RunConfig | None, config_file: str | None) -> Run
                           "run config path), not both and not neither")
     cfg = config if config is not None else load_run_config(config_file)
     return cfg.model_copy(update={"workdir": str(Path(cfg.workdir).resolve())})
+
+
+def run_trainer(command: list[str], stop_grace_s: float = 25.0,
+                on_line: Callable[[str], None] | None = None) -> State | None:
+    """Run the trainer to its end (None), or, when the flow is cancelled, stop it at a
+    checkpoint and return the task's Cancelled state."""
+    try:
+        run_command(command, get_run_logger(), stop_grace_s=stop_grace_s, on_line=on_line)
+    except TerminationSignal:
+        if (transaction := get_transaction()) is not None:
+            transaction.write_on_commit = False  # an unfinished run is no result to cache
+        return Cancelled(message="cancelled: the trainer stopped at a checkpoint; a rerun "
+                         "continues from it")
+    return None
+
+
+def end_cancelled(workdir: str, stage: str) -> None:
+    """After a cancelled trainer task: report what it trained, then end the flow as asked."""
+    publish = publish_training_report if stage == PRETRAIN else publish_finetune_report
+    publish(workdir, stopped_training_summary(workdir, stage))
+    raise TerminationSignal(signal.SIGTERM)
 
 
 # ---------------------------------------------------------------- pretraining
@@ -90,16 +125,19 @@ def pretrain_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> s
 
 @task(name="pretrain", task_run_name="pretrain", persist_result=True, result_serializer="json",
       cache_policy=CacheKeyFnPolicy(cache_key_fn=pretrain_cache_key))
-def run_pretrain_process(config: RunConfig, launch: LaunchConfig) -> dict:
-    """Run the trainer to the end (resuming from its newest checkpoint); return its summary."""
+def run_pretrain_process(config: RunConfig, launch: LaunchConfig) -> dict | State:
+    """Run the trainer to the end (resuming from its newest checkpoint); return its summary
+    (a Cancelled state when the flow was cancelled)."""
     workdir = Path(config.workdir)
     run_config = workdir / "pretrain-config.yaml"  # the config as run, for the trainer to read
     run_config.parent.mkdir(parents=True, exist_ok=True)
     run_config.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     work = WorkFolder(workdir)
     progress = TrainingProgress(work.training_log(PRETRAIN), config.pretrain.max_steps)
-    run_command(trainer_command(launch, run_config, workdir), get_run_logger(),
-                stop_grace_s=launch.stop_grace_s, on_line=progress.on_line)
+    cancelled = run_trainer(trainer_command(launch, run_config, workdir), launch.stop_grace_s,
+                            progress.on_line)
+    if cancelled is not None:
+        return cancelled
     progress.finish()
     return summarize(read_json(work.manifest(PRETRAIN)))
 
@@ -108,6 +146,8 @@ def pretrain(cfg: RunConfig, launch: LaunchConfig) -> dict:
     """The pretraining task (or its cached result), then the report artifact."""
     runner = run_pretrain_process.with_options(result_storage=WorkFolder(cfg.workdir).prefect_cache)
     state = runner(cfg, launch, return_state=True)
+    if state.is_cancelled():
+        end_cancelled(cfg.workdir, PRETRAIN)
     summary = state.result()
     if state.name == "Cached" and not matches_disk(cfg, PRETRAIN, summary):
         summary = runner.with_options(refresh_cache=True)(cfg, launch)
@@ -133,15 +173,17 @@ def pretrain_flow(config: RunConfig | None = None, config_file: str | None = Non
 
 
 @task(name="finetune", task_run_name="finetune")
-def run_finetune_process(config: RunConfig) -> dict:
+def run_finetune_process(config: RunConfig) -> dict | State:
     """Fine-tune in a child process, resuming from its newest checkpoint (a finished run
-    only re-reports); return its summary."""
+    only re-reports); return its summary (a Cancelled state when the flow was cancelled)."""
     workdir = Path(config.workdir)
     run_config = workdir / "finetune-config.yaml"  # the config as run, for the trainer to read
     run_config.parent.mkdir(parents=True, exist_ok=True)
     run_config.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    run_command([sys.executable, "-m", "cli.main", "finetune", "--config", str(run_config),
-                 "--workdir", str(workdir)], get_run_logger())
+    cancelled = run_trainer([sys.executable, "-m", "cli.main", "finetune", "--config",
+                             str(run_config), "--workdir", str(workdir)])
+    if cancelled is not None:
+        return cancelled
     return summarize(read_json(WorkFolder(workdir).manifest(FINETUNE)))
 
 
@@ -156,7 +198,10 @@ def finetune_flow(config: RunConfig | None = None, config_file: str | None = Non
     """
     start_flow_process()
     cfg = resolve_run_config(config, config_file)
-    summary = run_finetune_process(cfg)
+    state = run_finetune_process(cfg, return_state=True)
+    if state.is_cancelled():
+        end_cancelled(cfg.workdir, FINETUNE)
+    summary = state.result()
     publish_finetune_report(cfg.workdir, summary)
     return summary
 

@@ -505,8 +505,9 @@ class TrainingRun:
 
     def finish(self, start: int, t_start: float, timed: Counter, checkpoint: Path | None,
                stopped_by: str | None) -> dict:
-        """The summary (rank 0's view, from the log); when not stopped, the loss plot and the
-        manifest, written last, so that an unfinished stage is never taken for done."""
+        """The summary (rank 0's view, from the log) and the loss plot of the steps trained so
+        far; when not stopped, the manifest, written last, so that an unfinished stage is never
+        taken for done."""
         records = read_log(self.metrics.path) if self.dist.main else []
         trains = [r for r in records if r["kind"] == "train"]
         vals = [r for r in records if r["kind"] == "val"]
@@ -530,9 +531,10 @@ class TrainingRun:
                         stopped_by, self.step, checkpoint)
         summary.update(self.summary_fields(trains, timed, checkpoint, not stopped_by))
         summary["seconds"] = round(time.time() - t_start, 2)
-        if self.dist.main and not stopped_by:
+        if self.dist.main:  # a stopped (cancelled) run's report shows its curve too
             plot = plot_losses(self.metrics.path, self.work.loss_plot(self.stage))
             summary["plot"] = str(plot) if plot else None
+        if self.dist.main and not stopped_by:
             manifest = {"stage": self.stage, "config": self.cfg.model_dump(mode="json"),
                         "model_config": self.model_dict, **self.manifest_fields(), **summary}
             atomic_write_json(self.work.manifest(self.stage), manifest)

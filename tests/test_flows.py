@@ -8,9 +8,11 @@ several serve processes (with different environments) can share it.
 from __future__ import annotations
 
 import contextlib
+import html
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -29,6 +31,7 @@ from flows.deployments import all_flows
 from flows.launcher import CommandError, run_command
 from flows.stages import stage_cache_key
 from pipeline.config import ConfigError, load_config
+from pipeline.files import WorkFolder
 from pipeline.registry import prepare_stages
 from pipeline.shards import TokenDataset, verify
 from pipeline.stats import dataset_stats
@@ -257,6 +260,50 @@ def test_serve_and_run_find_a_server_on_another_port_by_flag(prefect_server: dic
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == [prefect_server["api"].url] * 2
+
+
+def chromium() -> str:
+    """The headless browser of the UI tests; missing, the test fails (no skip)."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.fail("Chromium is missing; install it (`apt-get install -y chromium`) to test "
+                    "the Prefect UI in a real browser")
+    return path
+
+
+def render(url: str, tmp_path: Path, screenshot: Path) -> str:
+    """The text of the page at `url` as headless Chromium renders it (scripts run, the API
+    called), and its screenshot."""
+    browser = [chromium(), "--headless", "--no-sandbox", "--disable-gpu",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--no-first-run", f"--user-data-dir={tmp_path / 'chromium'}",
+               "--virtual-time-budget=20000", "--window-size=1280,1000"]
+    for action in ([f"--screenshot={screenshot}"], ["--dump-dom"]):
+        result = subprocess.run([*browser, *action, url], capture_output=True, text=True,
+                                timeout=180)
+        assert result.returncode == 0, result.stderr[-2000:]
+    dom = re.sub(r"<(script|style)\b.*?</\1>", " ", result.stdout, flags=re.S)
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", dom)).split())
+
+
+@pytest.mark.slow
+def test_the_deployments_page_of_a_server_on_another_port_lists_them_in_chromium(
+        prefect_server: dict, tmp_path: Path) -> None:
+    """Issue 14.1 as a user sees it: the UI of `forge server --port P` calls the API on P, so
+    its Deployments page lists what `forge serve` registered (not "Create a deployment")."""
+    api: Api = prefect_server["api"]
+    flows = [f.name for f in all_flows()]
+    with serving(prefect_server, "browser", tmp_path / "serve.log"):
+        _wait_until(lambda: all(api.deployment(f, "browser") for f in flows), 120,
+                    "not every flow is deployed", tmp_path / "serve.log")
+        count = api.post("/deployments/count", json={}).json()
+        screenshot = tmp_path / "deployments.png"
+        text = render(f"http://127.0.0.1:{prefect_server['port']}/deployments", tmp_path,
+                      screenshot)
+    assert screenshot.read_bytes()[:4] == b"\x89PNG"
+    assert f"{count} Deployments" in text, text[:2000]
+    for flow in flows:  # the newest first: this test's, on the first page
+        assert f"browser {flow}" in text, text[:2000]
 
 
 # ---------------------------------------------------------------- parameters and cache keys
@@ -540,6 +587,42 @@ TINY_PRETRAIN = dict(preset="tiny", block_size=64, micro_batch_size=4, total_bat
 TINY_FINETUNE = dict(data=[str(DATA / "instruct" / "rasbt-instruction-data.json")],
                      max_steps=3, micro_batch_size=4, eval_every=0, checkpoint_every=0,
                      num_threads=1, test_limit=2, test_max_new_tokens=8, device="cpu")
+
+
+@pytest.mark.slow
+def test_a_pretraining_cancelled_from_the_ui_ends_cancelled_with_its_loss_curve(
+        prefect_server: dict, prepared: Path, tmp_path: Path) -> None:
+    """The UI's Cancel during pretraining: the task shows Cancelled (not Crashed), the trainer
+    checkpointed the step in flight, the report draws the loss curve of the steps trained, and
+    no cached result claims the unfinished pretraining is done."""
+    api: Api = prefect_server["api"]
+    work = tmp_path / "work"
+    shutil.copytree(prepared, work)
+    config = small_config(tmp_path / "c.yaml", work)
+    raw = yaml.safe_load(config.read_text())
+    raw["pretrain"] = {**TINY_PRETRAIN, "max_steps": 100_000, "checkpoint_every": 0,
+                       "eval_every": 5, "sample_every": 0}
+    config.write_text(yaml.safe_dump(raw))
+    with serving(prefect_server, "cancel-pretrain", tmp_path / "serve.log", flow="pretrain"):
+        run_id = api.run_deployment("pretrain", "cancel-pretrain", {"config_file": str(config)})
+        deadline = time.monotonic() + 180
+        while not any("step 8/" in line for line in api.logs(run_id)):
+            assert time.monotonic() < deadline, api.flow_run(run_id)["state"]
+            time.sleep(1)
+        api.cancel(run_id)
+        cancelled = api.wait(run_id, timeout_s=120)
+    assert cancelled["state_type"] == "CANCELLED", cancelled["state"]["message"]
+    assert [(t["name"], t["state_name"]) for t in api.task_runs(run_id)] == [
+        ("pretrain", "Cancelled")]
+    out = work / "pretrain"
+    assert not (out / "manifest.json").exists()
+    assert list((out / "checkpoints").glob("ckpt-*.pt"))  # the stop's checkpoint
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    (report,) = [a for a in api.artifacts(run_id) if a["type"] == "markdown"]
+    assert "data:image/png;base64" in report["data"]
+    assert "Stopped by cancellation after step" in report["data"]
+    cache = WorkFolder(work).prefect_cache
+    assert not cache.exists() or not list(cache.glob("pretrain-*"))  # a rerun resumes training
 
 
 @pytest.mark.slow

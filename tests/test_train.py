@@ -450,6 +450,7 @@ def test_killed_run_resumes_with_identical_losses(
     if sig == signal.SIGTERM:
         assert victim.returncode == 143, victim.stderr.read().decode()
         assert not (runs["killed"] / "pretrain" / "manifest.json").exists()
+        assert (runs["killed"] / "pretrain" / "loss.png").read_bytes()[:4] == b"\x89PNG"
     else:
         assert victim.returncode == -signal.SIGKILL
     resumed = subprocess.run(cmd["killed"], cwd=REPO, env=env, capture_output=True, text=True)
