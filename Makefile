@@ -6,7 +6,7 @@ VENV := .venv
 # pip's configuration here lists local indexes that may not exist: hide that noise only
 PIP_QUIET := 2>&1 | { grep -v 'is ignored: it is neither' || true; }
 
-.PHONY: setup demo test test-quick lint bench bench-smoke clean
+.PHONY: setup browser demo test test-quick lint bench bench-smoke clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,11 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/forge run --config configs/demo.yaml
 
-test: setup
+# the browser tests (serve-chat's page, the Prefect UI) drive Debian's Chromium
+browser:
+	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+
+test: setup browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 
