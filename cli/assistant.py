@@ -169,14 +169,13 @@ def chat(args: argparse.Namespace) -> int:
 def serve_chat(args: argparse.Namespace) -> int:
     from model.server import serve_chat as serve
 
-    device = args.device
     if args.max_batch is not None and args.max_batch < 1:
         raise ValueError(f"--max-batch must be at least 1, got {args.max_batch}")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this "
               "machine can use the model", file=sys.stderr)
     extra = {} if args.max_batch is None else {"max_batch": args.max_batch}
-    serve(args.checkpoint, args.host, args.port, args.api_key, device, args.model_name,
+    serve(args.checkpoint, args.host, args.port, args.api_key, args.device, args.model_name,
           args.vocab_dir, **extra)
     return 0
 
