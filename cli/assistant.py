@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from cli.common import add_model_options
+
 CHECKPOINT_HELP = "a checkpoint file or a work folder (its newest fine-tuned, else pretrained)"
 
 
@@ -49,10 +51,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     sub.add_argument("--frequency-penalty", type=float, help="against loops (default 0.5)")
     sub.add_argument("--max-new-tokens", type=int, help="default 256")
     sub.add_argument("--seed", type=int, help="seed the sampling (default: random)")
-    sub.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    sub.add_argument(
-        "--vocab-dir", help="GPT-2 vocabulary folder (default: $FORGE_VOCAB_DIR or the run's own)"
-    )
+    add_model_options(sub)
     sub.set_defaults(handler=chat)
 
     sub = commands.add_parser(
@@ -70,10 +69,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     )
     sub.add_argument("--model-name", default="forge", help="the model id clients name")
     sub.add_argument("--max-batch", type=int, help="most requests answered together (32)")
-    sub.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    sub.add_argument(
-        "--vocab-dir", help="GPT-2 vocabulary folder (default: $FORGE_VOCAB_DIR or the run's own)"
-    )
+    add_model_options(sub)
     sub.set_defaults(handler=serve_chat)
 
     sub = commands.add_parser(
@@ -101,14 +97,6 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
         help="hf: config.json + model.safetensors (LoRA adapters merged)",
     )
     sub.set_defaults(handler=export)
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def finetune(args: argparse.Namespace) -> int:
@@ -151,16 +139,12 @@ def finetune(args: argparse.Namespace) -> int:
 
 
 def chat(args: argparse.Namespace) -> int:
-    import torch
 
     from model.chat import Chat, GenerationSettings, run_chat
     from model.inference import load_model, vocab_dir_for
     from pipeline.encoding import get_encoding
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, state = load_model(args.checkpoint, device=device)
+    model, state = load_model(args.checkpoint, device=args.device)
     enc = get_encoding(vocab_dir_for(state, args.vocab_dir))
     given = {
         "temperature": args.temperature,
@@ -185,14 +169,13 @@ def chat(args: argparse.Namespace) -> int:
 def serve_chat(args: argparse.Namespace) -> int:
     from model.server import serve_chat as serve
 
-    device = _device(args.device)
     if args.max_batch is not None and args.max_batch < 1:
         raise ValueError(f"--max-batch must be at least 1, got {args.max_batch}")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this "
               "machine can use the model", file=sys.stderr)
     extra = {} if args.max_batch is None else {"max_batch": args.max_batch}
-    serve(args.checkpoint, args.host, args.port, args.api_key, device, args.model_name,
+    serve(args.checkpoint, args.host, args.port, args.api_key, args.device, args.model_name,
           args.vocab_dir, **extra)
     return 0
 

@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from cli.common import add_model_options
+
 
 def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     sub = commands.add_parser("pretrain", parents=[common],
@@ -28,8 +30,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
                      "wikitext-2-test.txt.gz (default: $FORGE_EVAL_DIR)")
     sub.add_argument("--dataset", help="val: token dataset (default: the run's)")
     sub.add_argument("--batches", type=int, default=20, help="val: batches to average")
-    sub.add_argument("--vocab-dir", help="GPT-2 vocabulary folder for offline use")
-    sub.add_argument("--device", default="cpu")
+    add_model_options(sub)
     sub.set_defaults(handler=evaluate)
 
     sub = commands.add_parser("generate", parents=[common], help="continue a prompt")
@@ -41,8 +42,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     sub.add_argument("--top-p", type=float, default=1.0, help="1 disables")
     sub.add_argument("--frequency-penalty", type=float, default=0.0)
     sub.add_argument("--seed", type=int, default=1337)
-    sub.add_argument("--vocab-dir", help="GPT-2 vocabulary folder for offline use")
-    sub.add_argument("--device", default="cpu")
+    add_model_options(sub)
     sub.set_defaults(handler=generate)
 
 
