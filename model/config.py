@@ -170,8 +170,11 @@ class PretrainConfig(BaseModel):
             raise ValueError(
                 f"preset {self.preset!r} is unknown; valid presets: {', '.join(PRESETS)}"
             )
+        # another recipe's field at its default is harmless (a whole config dumped and read
+        # back sets them all); a changed one would be silently ignored, so it is refused
         mine = MODERN_ONLY if self.recipe == "gpt2" else GPT2_ONLY
-        foreign = sorted(mine & self.model_fields_set)
+        foreign = sorted(f for f in mine & self.model_fields_set
+                         if getattr(self, f) != type(self).model_fields[f].default)
         if foreign:
             other = "modern" if self.recipe == "gpt2" else "gpt2"
             raise ValueError(

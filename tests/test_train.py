@@ -138,6 +138,13 @@ def test_bad_config_is_refused(section: dict, needle: str) -> None:
         validate_training_section("pretrain", section)
 
 
+@pytest.mark.parametrize("recipe", ["gpt2", "modern"])
+def test_a_whole_config_written_out_reads_back(recipe: str) -> None:
+    """The flows hand the trainer the whole config (every field, the other recipe's included)."""
+    cfg = PretrainConfig(preset="tiny", recipe=recipe)
+    assert PretrainConfig.model_validate(cfg.model_dump(mode="json")) == cfg
+
+
 def test_modern_optimizer_groups_and_schedule() -> None:
     """Muon on the blocks' matrices, AdamW with its own rate for embeddings, head and gains;
     warmup, a constant stretch, then a linear decay to 0 over the last cooldown_frac."""
