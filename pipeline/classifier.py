@@ -174,7 +174,8 @@ def histogram(values: np.ndarray) -> list[int]:
 
 def read_documents(source: str) -> Iterator[tuple[str, str]]:
     """(id, text) of every document in a file or glob: Alpaca-format instruction records
-    (instruction, input and output as one text), else what the extract stage reads."""
+    (instruction, input and output as one text), else what the extract stage reads. An id
+    names the file, not its folder, so a split by id is the same wherever the data lives."""
     paths = sorted(glob.glob(source)) if glob.has_magic(source) else [source]
     if not paths or not all(Path(p).is_file() for p in paths):
         raise ConfigError(f"example source {source!r} matches no file; pass existing files or "
@@ -188,11 +189,11 @@ def read_documents(source: str) -> Iterator[tuple[str, str]]:
             if records:
                 for i, record in enumerate(records):
                     text = "\n\n".join(record[k] for k in FIELDS if record[k])
-                    yield f"{path}#{i}", text
+                    yield f"{Path(path).name}#{i}", text
                 continue
         for item in read_file(path, max_bytes=50_000_000):
             if isinstance(item, Doc) and (text := normalize_text(item.text)):
-                yield f"{path}/{item.name}", text
+                yield f"{Path(path).name}/{item.name}", text
 
 
 def passages(text: str, chars: int) -> list[str]:
@@ -240,20 +241,21 @@ class Example:
 
 
 def collect_examples(sources: dict[str, str], settings: TrainSettings) -> list[Example]:
-    """Passages of every source, labelled, split into train and test by whole document."""
+    """Passages of every source, labelled, split into train and test by whole document: the
+    documents of lowest seeded rank are held out, at least one and never all."""
     examples: list[Example] = []
     for source, label in sources.items():
-        mine = []
-        for doc_id, text in read_documents(source):
-            test = _rank(settings.seed, doc_id) < settings.test_fraction
-            for passage in passages(text[: settings.max_chars], settings.passage_chars):
-                mine.append(Example(source, label, fasttext_line(passage, settings.max_chars),
-                                    test))
-        if not any(e.test for e in mine) or all(e.test for e in mine):
-            raise ConfigError(f"example source {source!r} has too few documents ({len(mine)} "
-                              "passages) for a train and a test split; add documents or "
-                              "change --test-fraction")
-        rng = random.Random(f"{settings.seed}:{source}")
+        documents = sorted(((doc_id, text[: settings.max_chars])
+                            for doc_id, text in read_documents(source)),
+                           key=lambda d: _rank(settings.seed, d[0]))
+        if len(documents) < 2:
+            raise ConfigError(f"example source {source!r} has {len(documents)} document(s); a "
+                              "train and a test split need at least 2")
+        held_out = min(len(documents) - 1, max(1, round(settings.test_fraction * len(documents))))
+        mine = [Example(source, label, fasttext_line(passage, settings.max_chars), i < held_out)
+                for i, (_, text) in enumerate(documents)
+                for passage in passages(text, settings.passage_chars)]
+        rng = random.Random(settings.seed)
         if len(mine) > settings.max_passages_per_source:
             mine = rng.sample(mine, settings.max_passages_per_source)
         examples.extend(mine)

@@ -14,6 +14,7 @@ from pipeline.classifier import (
     NEGATIVE,
     POSITIVE,
     TrainSettings,
+    collect_examples,
     load_classifier,
     passages,
     top_fraction_cutoff,
@@ -81,6 +82,25 @@ def test_top_fraction_cutoff_keeps_the_top() -> None:
     assert top_fraction_cutoff(scores, 1.0) == 0.1
 
 
+def test_the_split_holds_out_whole_documents_wherever_the_data_lives(tmp_path: Path) -> None:
+    """Two books give one held out and one trained on, the same ones in any folder (CI reads
+    the data from another path than a developer's machine)."""
+    import shutil
+
+    splits = []
+    for folder in ("here", "elsewhere/deeper"):
+        (tmp_path / folder).mkdir(parents=True)
+        for book in ("pg11.txt.gz", "pg110.txt.gz"):
+            shutil.copy(DATA / "books" / book, tmp_path / folder / book)
+        examples = collect_examples({str(tmp_path / folder / "pg11*.txt.gz"): POSITIVE},
+                                    SETTINGS)
+        splits.append([e.test for e in examples])
+    assert splits[0] == splits[1]
+    assert any(splits[0]) and not all(splits[0])
+    with pytest.raises(ConfigError, match="at least 2"):
+        collect_examples({str(tmp_path / "here" / "pg110.txt.gz"): POSITIVE}, SETTINGS)
+
+
 def test_training_refuses_missing_sources(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="matches no file"):
         train_classifier([str(tmp_path / "none*.txt")], NEGATIVE_SOURCES, tmp_path / "m.bin")
@@ -117,17 +137,21 @@ def _filter(config: Path, workdir: Path, classifier: dict, **per_source) -> dict
     return run_filter(cfg)
 
 
+# Web pages score 0.00-0.38 with this model: a threshold below the best few keeps some of each.
+THRESHOLD = 0.25
+
+
 def test_the_filter_keeps_and_drops_by_the_score(trained: tuple[Path, dict], extracted: Path,
                                                  tmp_path: Path) -> None:
     model, _ = trained
-    manifest = _filter(extracted, tmp_path, {"model": str(model), "threshold": 0.5})
+    manifest = _filter(extracted, tmp_path, {"model": str(model), "threshold": THRESHOLD})
     kept = list(iter_documents(tmp_path / "filter"))
     dropped = manifest["dropped"]
     assert set(dropped) == {"classifier:below_threshold"}  # the other rules are off
     assert manifest["docs_in"] == len(kept) + dropped["classifier:below_threshold"]
-    assert all(d["meta"]["quality_score"] >= 0.5 for d in kept)
+    assert all(d["meta"]["quality_score"] >= THRESHOLD for d in kept)
     assert {d["source"] for d in kept} == {"books", "web"}
-    # Novels score 0.77-0.85 with this small model; Russell's philosophy (pg5827) 0.24.
+    # Novels score 0.66-0.91 with this small model, Russell's philosophy (pg5827) 0.09.
     assert sum(d["source"] == "books" for d in kept) >= 4
     scores = manifest["scores"]
     assert sum(s["docs"] - s["kept"] for s in scores.values()) == \
@@ -137,9 +161,9 @@ def test_the_filter_keeps_and_drops_by_the_score(trained: tuple[Path, dict], ext
     examples = scores["web"]["examples"]
     assert examples["top"][0]["score"] >= examples["middle"][0]["score"] >= \
         examples["bottom"][0]["score"]
-    assert examples["bottom"][0]["score"] < 0.5 <= examples["top"][0]["score"]
+    assert examples["bottom"][0]["score"] < THRESHOLD <= examples["top"][0]["score"]
     drop = manifest["drop_examples"]["classifier:below_threshold"][0]
-    assert drop.endswith(" < 0.5000")
+    assert drop.endswith(f" < {THRESHOLD:.4f}")
 
     # forge stats: the distribution per source, as a table, examples and a PNG.
     run_tokenize(load_config(extracted, {"workdir": str(tmp_path), "data.dedupe.enabled": False}))
