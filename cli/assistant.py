@@ -86,15 +86,17 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     sub = commands.add_parser(
         "export",
         parents=[common],
-        help="forge checkpoint -> Hugging Face GPT-2 folder (safetensors)",
+        help="forge checkpoint -> a folder of safetensors (Hugging Face GPT-2, or forge's own)",
     )
     sub.add_argument("checkpoint", metavar="CHECKPOINT", help=CHECKPOINT_HELP)
     sub.add_argument("out", metavar="OUT", help="output folder")
     sub.add_argument(
         "--format",
-        choices=("hf",),
+        choices=("hf", "safetensors"),
         default="hf",
-        help="hf: config.json + model.safetensors (LoRA adapters merged)",
+        help="hf: config.json + model.safetensors in the GPT-2 layout (gpt2 recipe); "
+        "safetensors: model.safetensors + forge_config.json, forge's names (any recipe); "
+        "LoRA adapters are merged in both",
     )
     sub.set_defaults(handler=export)
 
@@ -190,11 +192,14 @@ def import_gpt2(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
-    from model.hf_io import export_hf
+    from model.hf_io import export_forge, export_hf
     from model.inference import load_model
 
     model, state = load_model(args.checkpoint)
-    out = export_hf(model, args.out, source=state["path"])
+    if args.format == "hf":
+        out = export_hf(model, args.out, source=state["path"])
+    else:
+        out = export_forge(model, args.out)
     if not args.quiet:
         print(
             json.dumps(

@@ -9,6 +9,10 @@ The layout is what openai-community/gpt2 (and -medium, -large, -xl) publish: con
   buffers (h.N.attn.bias / masked_bias); a file saved by GPT2LMHeadModel.save_pretrained has
   the prefix. Import reads both; export writes the published form, which
   GPT2LMHeadModel.from_pretrained loads.
+
+A model of the modern recipe has no transformers twin (ReLU², logit soft-cap, a normed
+embedding): export_forge writes any forge model as safetensors under forge's own tensor names
+with forge's config beside it, and load_forge_export reads that folder back.
 """
 
 from __future__ import annotations
@@ -194,8 +198,8 @@ def export_hf(model: GPT, out: str | Path, source: str | Path = "the model") -> 
     if not model.config.gpt2_layout:
         raise HFFormatError(
             f"{source} is a model of pretrain.recipe modern (rotary, RMSNorm, untied head, ...), "
-            "which the GPT-2 layout cannot hold; only models trained with pretrain.recipe: gpt2 "
-            "export to it, and this one is used as forge's checkpoint"
+            "which the GPT-2 layout cannot hold and transformers has no class for; export it "
+            "with --format safetensors (forge's tensor names and config)"
         )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -210,3 +214,38 @@ def export_hf(model: GPT, out: str | Path, source: str | Path = "the model") -> 
                  lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     atomic_write_json(out / "config.json", hf_config(model.config))
     return out
+
+
+FORGE_EXPORT_FORMAT = "forge-gpt-safetensors"
+
+
+def export_forge(model: GPT, out: str | Path) -> Path:
+    """Write model.safetensors (forge's tensor names, fp32) and forge_config.json (the format
+    and GPTConfig) into the folder out: any recipe, read back by load_forge_export."""
+    from safetensors.torch import save_model
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.float().cpu()
+    atomic_write(out / "model.safetensors", lambda tmp: save_model(model, str(tmp)))
+    atomic_write_json(out / "forge_config.json", {"format": FORGE_EXPORT_FORMAT,
+                                                  "model_config": dataclasses.asdict(model.config)})
+    return out
+
+
+def load_forge_export(folder: str | Path) -> GPT:
+    """The model of a folder written by export_forge, in eval mode on the CPU."""
+    from safetensors.torch import load_model
+
+    folder = Path(folder)
+    config_path = folder / "forge_config.json"
+    if not config_path.is_file():
+        raise HFFormatError(f"{config_path} is missing; export the folder with "
+                            "`forge export CHECKPOINT OUT --format safetensors`")
+    saved = json.loads(config_path.read_text())
+    if saved.get("format") != FORGE_EXPORT_FORMAT:
+        raise HFFormatError(f"{config_path} is not a forge export (format "
+                            f"{saved.get('format')!r}, expected {FORGE_EXPORT_FORMAT!r})")
+    model = GPT(GPTConfig(**saved["model_config"]))
+    load_model(model, str(folder / "model.safetensors"))
+    return model.eval()

@@ -6,6 +6,7 @@ randomized too, so a tensor left out or not transposed changes the logits).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -16,11 +17,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_finetune import pretrained_workdir, synthetic_records, tiny_finetune, write_json
 
-from model.checkpoint import CheckpointManager, load_checkpoint
+from model.checkpoint import PRETRAIN_FORMAT, CheckpointManager, load_checkpoint
 from model.finetune import run_finetune
 from model.gpt import GPT, GPTConfig
 from model.gpt_config import ARCHITECTURES
-from model.hf_io import HFFormatError, export_hf, hf_config, import_gpt2, load_hf_gpt2
+from model.hf_io import (
+    HFFormatError,
+    export_hf,
+    hf_config,
+    import_gpt2,
+    load_forge_export,
+    load_hf_gpt2,
+)
 from model.inference import load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,9 +141,43 @@ def test_modern_model_is_not_exported_to_the_gpt2_layout(tmp_path: Path) -> None
     config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64,
                        **ARCHITECTURES["modern"])
     with pytest.raises(HFFormatError, match="ckpt-000003.pt is a model of pretrain.recipe "
-                       "modern.*only models trained with pretrain.recipe: gpt2"):
+                       "modern.*export it with --format safetensors"):
         export_hf(GPT(config), tmp_path / "hf", source="ckpt-000003.pt")
     assert not (tmp_path / "hf").exists()
+
+
+def test_modern_checkpoint_exports_as_forge_safetensors(tmp_path: Path,
+                                                      batch: torch.Tensor) -> None:
+    """`forge export CKPT OUT`: the GPT-2 layout refuses a modern model in one sentence and
+    writes nothing; --format safetensors writes a folder that reads back to the same logits."""
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128, vocab_size=1000,
+                       **ARCHITECTURES["modern"])
+    model = GPT(config)
+    with torch.no_grad():
+        for p in model.parameters():  # zero-initialized projections and head would hide a miss
+            p.normal_(0.0, 0.2)
+    checkpoint = CheckpointManager(tmp_path / "checkpoints").save(0, {
+        "format": PRETRAIN_FORMAT, "version": 1, "step": 0,
+        "model": model.state_dict(), "model_config": dataclasses.asdict(config)})
+
+    def export(fmt: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cli.main", "export", str(checkpoint),
+                               str(tmp_path / fmt), "--format", fmt],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+
+    refused = export("hf")
+    assert refused.returncode != 0 and "--format safetensors" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert not (tmp_path / "hf").exists()
+    assert export("safetensors").returncode == 0
+    assert sorted(p.name for p in (tmp_path / "safetensors").iterdir()) == [
+        "forge_config.json", "model.safetensors"]
+    again = load_forge_export(tmp_path / "safetensors")
+    assert again.config == config
+    assert torch.equal(logits(again, batch), logits(model.eval(), batch))
+    with pytest.raises(HFFormatError, match="forge_config.json is missing"):
+        load_forge_export(tmp_path)
 
 
 @pytest.mark.slow
