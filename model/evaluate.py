@@ -23,16 +23,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model.gpt import GPT
-
-IGNORE = -100  # a target that does not count (cross_entropy's ignore_index)
+from model.gpt import GPT, IGNORE_INDEX
 
 
 @torch.no_grad()
 def val_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
              device: torch.device, autocast: contextlib.AbstractContextManager | None = None,
              rank: int = 0, world_size: int = 1) -> float:
-    """Mean loss per target token (IGNORE targets left out) over the (x, y) batches; under DDP
+    """Mean loss per target token (IGNORE_INDEX targets left out) over the (x, y) batches; under DDP
     each rank takes every world_size-th batch and the sums are all-reduced."""
     was_training = model.training
     model.eval()
@@ -42,7 +40,7 @@ def val_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch
             continue
         with autocast or contextlib.nullcontext():
             _, loss = model(x.to(device), y.to(device))
-        targets = int((y != IGNORE).sum())
+        targets = int((y != IGNORE_INDEX).sum())
         total[0] += loss.double() * targets
         total[1] += targets
     if world_size > 1:

@@ -42,10 +42,9 @@ import numpy as np
 import torch
 
 from model.checkpoint import FINETUNE_FORMAT, CheckpointError
-from model.evaluate import IGNORE
 from model.finetune_config import FinetuneConfig, FinetuneConfigError
 from model.generate import Engine, Request, SamplingParams
-from model.gpt import GPT
+from model.gpt import GPT, IGNORE_INDEX
 from model.inference import format_prompt, load_model, resolve_checkpoint, sha256_file
 from model.lora import apply_lora, lora_state_dict, merge_lora
 from model.runtime import MicroBatch, ProgressFn, TrainingRun, train
@@ -189,16 +188,16 @@ def collate(examples: list[Example], mask_prompt: bool, pad_id: int = EOT_ID) ->
     """Pad to the longest example; targets are the inputs shifted by one, -100 where ignored."""
     T = max(len(e) for e in examples) - 1
     x = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    y = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    y = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
     tokens = 0
     for i, e in enumerate(examples):
         seq = torch.tensor(e.prompt + e.response, dtype=torch.long)
         n = len(seq) - 1
         x[i, :n], y[i, :n] = seq[:-1], seq[1:]
         if mask_prompt:
-            y[i, : len(e.prompt) - 1] = IGNORE  # targets that are prompt tokens
+            y[i, : len(e.prompt) - 1] = IGNORE_INDEX  # targets that are prompt tokens
         tokens += n
-    return Batch(x, y, tokens, int((y != IGNORE).sum()))
+    return Batch(x, y, tokens, int((y != IGNORE_INDEX).sum()))
 
 
 class InstructionLoader:

@@ -28,7 +28,6 @@ from model.chat import Chat, GenerationSettings
 from model.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from model.config import PretrainConfig
 from model.finetune import (
-    IGNORE,
     FinetuneError,
     InstructionLoader,
     collate,
@@ -39,7 +38,7 @@ from model.finetune import (
     token_f1,
 )
 from model.finetune_config import FinetuneConfig, FinetuneConfigError
-from model.gpt import GPT, GPTConfig
+from model.gpt import GPT, IGNORE_INDEX, GPTConfig
 from model.inference import format_prompt, load_model, resolve_checkpoint
 from model.lora import LoRALinear, apply_lora, lora_state_dict, merge_lora
 from model.runtime import read_log
@@ -187,14 +186,14 @@ def test_padding_and_prompt_masking(enc) -> None:
     n = len(seq) - 1
     assert batch.x[0, :n].tolist() == seq[:-1]
     assert (batch.x[0, n:] == EOT_ID).all()  # padded with end-of-text
-    assert (batch.y[0, n:] == IGNORE).all()  # ... that is not learned
+    assert (batch.y[0, n:] == IGNORE_INDEX).all()  # ... that is not learned
     p = len(short.prompt)
-    assert (batch.y[0, : p - 1] == IGNORE).all()  # prompt masked
+    assert (batch.y[0, : p - 1] == IGNORE_INDEX).all()  # prompt masked
     assert batch.y[0, p - 1 : n].tolist() == short.response  # response and its EOT learned
     assert batch.targets == len(short.response) + len(long.response)
     assert batch.tokens == n + T
     unmasked = collate([short, long], mask_prompt=False)
-    assert unmasked.y[0, :n].tolist() == seq[1:] and (unmasked.y[0, n:] == IGNORE).all()
+    assert unmasked.y[0, :n].tolist() == seq[1:] and (unmasked.y[0, n:] == IGNORE_INDEX).all()
     assert unmasked.targets == n + T
 
 
