@@ -33,6 +33,7 @@ SMOKE: dict[str, list[str]] = {
     "minhash_throughput.py": ["--mb", "0.2", "--repeats", "1", "--forge-passes", "1"],
     "pretrain_vs_nanogpt.py": ["--steps", "3", "--eval-windows", "8"],
     "recipe_ablation.py": ["--steps", "2", "--set", "warmup_steps=1", "--eval-windows", "8"],
+    "curation.py": ["--small", "--steps", "2", "--seeds", "1337", "--eval-windows", "8"],
     "loader_throughput.py": ["--batches", "20", "--repeats", "1"],
     "train_throughput.py": ["--steps", "2", "--repeats", "1"],
     "finetune_throughput.py": ["--steps", "1", "--repeats", "1"],
