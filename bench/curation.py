@@ -2,9 +2,10 @@
 learned quality classifier in the filter, the same tokens seen, evaluated on held-out books
 and held-out Python docs pages.
 
-    held out   three books (drawn with a fixed seed) and 30 pages of the Python docs: no arm
-               trains on them and the classifier never sees them; evaluated in fp32 on fixed
-               windows (GPT-2 tokens, an end-of-text after each document).
+    held out   three books (drawn with a fixed seed among those without a Gutenberg HTML
+               twin in the corpus) and 30 pages of the Python docs: no arm trains on them
+               and the classifier never sees them; evaluated in fp32 on fixed windows
+               (GPT-2 tokens, an end-of-text after each document).
     corpus     configs/demo.yaml's sources without the held-out files (the other books are
                linked into <workdir>/inputs/books, the docs archive is rewritten without the
                held-out pages), run through every data stage of the demo.
@@ -64,13 +65,15 @@ SMALL = {"books": 4, "docs": 40}  # --small: training books and docs pages kept
 # ---------------------------------------------------------------- held out, and the corpus
 
 
-def split_inputs(inputs: Path, held_books: int, held_docs: int, small: bool) -> dict:
+def split_inputs(work: Path, held_books: int, held_docs: int, small: bool) -> dict:
     """Link the training books into inputs/books, write the docs archive without the
     held-out pages (inputs/python-docs.tar.zst) and one with only them (inputs/eval-docs.tar.zst);
-    reused while the split is the same."""
+    reused while the split is the same, else the work folder starts over."""
     books = sorted(p.name for p in (DATA / "books").glob("pg*.txt.gz"))
+    # a book the gutenberg-html source also has (pg84-h.htm.gz) is never held out
+    twins = {p.name.split("-")[0] for p in (DATA / "html").glob("pg*-h.htm.gz")}
     rng = random.Random(SPLIT_SEED)
-    held = sorted(rng.sample(books, held_books))
+    held = sorted(rng.sample([b for b in books if b.split(".")[0] not in twins], held_books))
     train_books = [b for b in books if b not in held]
     members = docs_members()
     held_pages = sorted(rng.sample(sorted(members), held_docs))
@@ -79,10 +82,11 @@ def split_inputs(inputs: Path, held_books: int, held_docs: int, small: bool) -> 
         train_books, train_pages = train_books[: SMALL["books"]], train_pages[: SMALL["docs"]]
     split = {"held_out_books": held, "held_out_docs": held_pages, "train_books": train_books,
              "train_docs_pages": len(train_pages)}
+    inputs = work / "inputs"
     record = inputs / "split.json"
     if record.exists() and read_json(record) == split:
         return split
-    shutil.rmtree(inputs, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
     (inputs / "books").mkdir(parents=True)
     for name in train_books:
         (inputs / "books" / name).symlink_to(DATA / "books" / name)
@@ -151,8 +155,10 @@ def prepare(config: Path, overrides: dict, copy_extract_from: Path | None = None
     dataset's path and what it kept per source."""
     cfg = load_config(config, overrides)
     work = WorkFolder(cfg.workdir)
-    if copy_extract_from and not work.manifest("extract").exists():
-        shutil.copytree(copy_extract_from, work.stage("extract"), dirs_exist_ok=True)
+    if copy_extract_from and (not work.manifest("extract").exists() or read_json(
+            work.manifest("extract")) != read_json(copy_extract_from / "manifest.json")):
+        shutil.rmtree(work.stage("extract"), ignore_errors=True)
+        shutil.copytree(copy_extract_from, work.stage("extract"))
     for name in prepare_stages(cfg):
         if name in ("download", "extract") and copy_extract_from:
             continue
@@ -214,10 +220,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     work = Path(args.workdir) / ("small" if args.small else "full")
-    work.mkdir(parents=True, exist_ok=True)
     inputs = work / "inputs"
     t0 = time.perf_counter()
-    split = split_inputs(inputs, args.held_out_books, args.held_out_docs, args.small)
+    split = split_inputs(work, args.held_out_books, args.held_out_docs, args.small)
     evals = eval_tokens(inputs, split)
     print(f"held out: {', '.join(split['held_out_books'])} ({evals['books'].size:,} tokens); "
           f"{len(split['held_out_docs'])} docs pages ({evals['docs'].size:,} tokens)")
