@@ -245,8 +245,11 @@ def main() -> None:
     datasets = {"unfiltered": unfiltered, "filtered": filtered}
     prepare_s = time.perf_counter() - t0
     for arm, d in datasets.items():
-        print(f"{arm}: {d['splits']['train']['tokens']:,} train tokens, docs per source "
-              f"{d['source_docs']}")
+        tokens = {s: t["after_mix"] for s, t in d["source_tokens"].items()}
+        in_scored = sum(tokens.get(s, 0) for s in scored)
+        print(f"{arm}: {d['splits']['train']['tokens']:,} train tokens, {in_scored:,} "
+              f"({in_scored / sum(tokens.values()):.2%}) of them in the scored sources; "
+              f"docs per source {d['source_docs']}")
 
     _, demo = load_training_section(str(DEMO), "pretrain")
     steps = args.steps or demo.max_steps
