@@ -95,8 +95,9 @@ def read_gzip_text(path: Path) -> str:
 
 
 def split_tokens(dataset: Path, split: str) -> np.ndarray:
-    (shard,) = TokenDataset(dataset).shards(split)
-    return shard.tokens()
+    """A split's tokens, its shards one after another (the demo's dataset has several)."""
+    shards = TokenDataset(dataset).shards(split)
+    return shards[0].tokens() if len(shards) == 1 else np.concatenate([s.tokens() for s in shards])
 
 
 def unigram_baselines(train: np.ndarray, val: np.ndarray) -> dict:
