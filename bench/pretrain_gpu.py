@@ -25,7 +25,7 @@ time is the sum of the steps after that, the device synchronized after each. At 
 same fixed windows of the val split for every side, outside the training time. The target
 (--target-loss; default the first side's final val loss, nanogpt's) gives each side's training
 time to reach it, interpolated linearly between the evaluations around it. At the end of each
-forge side its own trainer.evaluate() (cfg.eval_batches batches) is timed once beside one
+forge side its own trainer.evaluate() (the config's eval_batches) is timed once beside one
 training step: after compiled training it must cost about a step (it once recompiled: 25 s).
 
 Goal (issue 12): MFU at least 50%; modern at least 2x faster to the target than gpt2 and
@@ -33,7 +33,7 @@ nanogpt. About 6 minutes on one H100 (3 x (compile ~1 min + ~13M tokens at ~0.5M
 bench/device_pretrain_gpu.sh runs it there. A CPU check (about a minute):
 
     python bench/pretrain_gpu.py --device cpu --dtype float32 --no-compile --preset tiny \
-        --tokens 20000 --total-batch 1024 --micro-batch 4
+        --tokens 20000 --total-batch 1024 --micro-batch 8 --compile-steps 1 --eval-batches 2
     python bench/pretrain_gpu.py --dataset runs/demo/tokenize/dataset.zarr     # on a GPU
 """
 
@@ -158,7 +158,7 @@ def forge_config(name: str, args: argparse.Namespace, dataset: Path, steps: int)
         "warmup_steps": scaled_warmup(cfg, steps), "total_batch_tokens": args.total_batch,
         "micro_batch_size": args.micro_batch, "device": args.device, "dtype": args.dtype,
         "compile": args.compile, "seed": args.seed, "eval_every": 0, "checkpoint_every": 0,
-        "sample_every": 0,
+        "sample_every": 0, "eval_batches": args.eval_batches or cfg.eval_batches,
     })
 
 
@@ -282,6 +282,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--eval-windows", type=int, default=128,
                         help="fixed val windows of each evaluation")
+    parser.add_argument("--eval-batches", type=int,
+                        help="batches of forge's own evaluate() (default: the config's)")
     parser.add_argument("--target-loss", type=float,
                         help="val loss to reach (default: the first side's final val loss)")
     parser.add_argument("--compile-steps", type=int, default=5,

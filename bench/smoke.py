@@ -42,6 +42,10 @@ SMOKE: dict[str, list[str]] = {
     "generation_gpu.py": ["--device", "cpu", "--preset", "tiny", "--new-tokens", "8",
                           "--dtype", "float32", "--repeats", "1"],
     "server_throughput.py": ["--clients", "1,4", "--new-tokens", "4", "--repeats", "1"],
+    # the GPU script's CPU check, on the books dataset pretrain_vs_nanogpt built
+    "pretrain_gpu.py": ["--device", "cpu", "--dtype", "float32", "--no-compile", "--preset",
+                        "tiny", "--tokens", "20000", "--total-batch", "1024", "--micro-batch",
+                        "8", "--compile-steps", "1", "--eval-batches", "2"],
 }
 NO_OUT_FLAG = {"filter_report.py"}  # it writes a folder of reports (--out-dir above)
 
