@@ -400,9 +400,11 @@ def report(figures: dict, target: float, speedups: dict, gpu: str | None,
         print_table("forge's end-of-run trainer.evaluate() after training",
                     ["side", "batches", "tokens", "evaluate s", "one step s", "x step",
                      "graphs compiled"], evals)
-    print(f"\nmodern's speed-up to val loss {target:.3f}: "
-          + ", ".join(f"{k.removeprefix('modern_')} {fmt(v, '.2f')}x" for k, v in speedups.items())
-          + f" (goal >= {GOAL_SPEEDUP:.0f}x); MFU goal >= {GOAL_MFU:.0%}")
+    ups = ", ".join(f"{k.removeprefix('modern_').replace('_', ' ')} {fmt(v, '.2f')}x"
+                    for k, v in speedups.items())
+    mfus = ", ".join(f"{name} {fmt(f['mfu'], '.1%')}" for name, f in figures.items())
+    print(f"\nmodern's speed-up to val loss {target:.3f}: {ups} (goal >= {GOAL_SPEEDUP:.0f}x); "
+          f"MFU {mfus} (goal >= {GOAL_MFU:.0%})")
 
 
 if __name__ == "__main__":
