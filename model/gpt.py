@@ -268,7 +268,7 @@ class GPT(nn.Module):
         *,
         positions: torch.Tensor | None = None,
         last_only: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, vocab), or with targets (None, the mean cross-entropy loss): a loss
         need not hold a training batch's capped logits, 50k floats per token.
 

@@ -221,7 +221,8 @@ FORGE_EXPORT_FORMAT = "forge-gpt-safetensors"
 
 def export_forge(model: GPT, out: str | Path) -> Path:
     """Write model.safetensors (forge's tensor names, fp32) and forge_config.json (the format
-    and GPTConfig) into the folder out: any recipe, read back by load_forge_export."""
+    and GPTConfig) into the folder out: any recipe, read back by load_forge_export. The model
+    itself is moved to fp32 on the CPU (safetensors' save_model keeps tied weights once)."""
     from safetensors.torch import save_model
 
     out = Path(out)
