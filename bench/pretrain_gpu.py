@@ -55,6 +55,7 @@ from pretrain_vs_nanogpt import (
     ForgeSide,
     NanoGPTSide,
     build_books_dataset,
+    fixed_windows,
     nanogpt_get_batch,
     split_tokens,
 )
@@ -165,15 +166,6 @@ def forge_config(name: str, args: argparse.Namespace, dataset: Path, steps: int)
 def scaled_warmup(cfg: PretrainConfig, steps: int) -> int:
     """The config's warmup as the same fraction of a run of `steps` steps."""
     return round(steps * cfg.warmup_steps / cfg.max_steps)
-
-
-def fixed_windows(val: np.ndarray, count: int, block: int, batch: int,
-                  device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`count` windows of block + 1 tokens spread evenly over the val split, in batches."""
-    starts = np.linspace(0, len(val) - block - 1, count).astype(np.int64)
-    rows = torch.from_numpy(np.stack([val[s : s + block + 1].astype(np.int64) for s in starts]))
-    rows = rows.to(device)
-    return [(r[:, :-1], r[:, 1:]) for r in rows.split(batch)]
 
 
 def time_to_target(curve: list[dict], target: float) -> float | None:

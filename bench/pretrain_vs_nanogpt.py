@@ -47,6 +47,7 @@ from common import (
 
 from configs.run import load_training_section
 from model.config import GPT2_ONLY, MODERN_ONLY, PretrainConfig
+from model.evaluate import val_loss
 from model.gpt import GPT, GPTConfig
 from model.runtime import compute_init
 from model.train import Pretraining
@@ -216,19 +217,18 @@ def with_recipe(cfg: PretrainConfig, spec: str) -> PretrainConfig:
 # ---------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
+def fixed_windows(val: np.ndarray, count: int, block: int, batch: int,
+                  device: torch.device | str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`count` windows of block + 1 tokens spread evenly over the val split, in batches."""
+    starts = np.linspace(0, len(val) - block - 1, count).astype(np.int64)
+    rows = torch.from_numpy(np.stack([val[s : s + block + 1].astype(np.int64) for s in starts]))
+    rows = rows.to(device)
+    return [(r[:, :-1], r[:, 1:]) for r in rows.split(batch)]
+
+
 def held_out_loss(model: GPT, val: np.ndarray, windows: int, block: int = 256) -> float:
     """Mean fp32 loss over `windows` windows spread evenly over the held-out books."""
-    model.eval()
-    starts = np.linspace(0, len(val) - block - 1, windows).astype(np.int64)
-    total = 0.0
-    for i in range(0, windows, 8):
-        rows = np.stack([val[s : s + block + 1].astype(np.int64) for s in starts[i : i + 8]])
-        batch = torch.from_numpy(rows)
-        _, loss = model(batch[:, :-1], batch[:, 1:])
-        total += float(loss) * len(rows)
-    model.train()
-    return total / windows
+    return val_loss(model, fixed_windows(val, windows, block, 8), torch.device("cpu"))
 
 
 def train_interleaved(sides: list, log_every: int) -> dict:
