@@ -334,14 +334,20 @@ def test_browser_chats_with_streamed_answer(taught_server: Server, tmp_path: Pat
         page.dispatch_event("#api_key", "change")
         expect(page.locator("#model")).to_contain_text("forge · context 128")
         page.fill("#temperature", "0")
-        # record every text the answer shows, to see it arrive in pieces
+        # record every text the answer bubble is given, to see it arrive in pieces: from the
+        # mutation records, not the bubble's text when the observer runs, since the browser
+        # may hand the page several events in one network read and one observer call
         page.evaluate("""() => {
             window.seen = [];
-            new MutationObserver(() => {
-                const a = document.querySelector('.assistant');
-                if (a && a.textContent !== window.seen.at(-1)) window.seen.push(a.textContent);
-            }).observe(document.getElementById('log'),
-                       {childList: true, subtree: true, characterData: true});
+            new MutationObserver(records => {
+                for (const r of records) {
+                    if (!r.target.classList?.contains('assistant')) continue;
+                    for (const n of r.addedNodes) {
+                        if (n.nodeType === Node.TEXT_NODE && n.data !== window.seen.at(-1))
+                            window.seen.push(n.data);
+                    }
+                }
+            }).observe(document.getElementById('log'), {childList: true, subtree: true});
         }""")
         page.locator("#input").click()
         page.keyboard.type(QUESTION)
